@@ -1,0 +1,161 @@
+"""The one seam between tl_edgeprune and TransformerLens's two model classes.
+
+Everything model-specific (which class, which flags, how to read W_O, how to run) lives here, and is
+detected from capabilities at run time, never from version numbers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from .errors import UnsupportedModelError
+
+
+def hooked_transformer_class() -> type | None:
+    """TransformerLens 2.x/3.x's HookedTransformer, or None where it was removed (4.x)."""
+    try:
+        from transformer_lens import HookedTransformer  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    return HookedTransformer
+
+
+def transformer_bridge_class() -> type | None:
+    try:
+        from transformer_lens.model_bridge import TransformerBridge
+    except ImportError:
+        return None
+    return TransformerBridge
+
+
+# Architectures where a norm sits after attention/MLP outputs, so per-head outputs do not add up.
+POST_NORM_HINTS = ("Gemma2", "Gemma3", "Olmo2", "OLMo2", "Olmo3")
+
+
+class ModelAdapter:
+    """Wraps a HookedTransformer or TransformerBridge behind the few operations the engine needs."""
+
+    FLAGS = ("use_split_qkv_input", "use_hook_mlp_in", "use_attn_result")
+
+    def __init__(self, model: Any):
+        hooked, bridge = hooked_transformer_class(), transformer_bridge_class()
+        if hooked is not None and isinstance(model, hooked):
+            self.kind = "hooked"
+        elif bridge is not None and isinstance(model, bridge):
+            self.kind = "bridge"
+        else:
+            supported = [c.__name__ for c in (hooked, bridge) if c is not None]
+            raise UnsupportedModelError(
+                f"tl_edgeprune masks TransformerLens models ({' or '.join(supported)}), got {type(model).__name__}. "
+                "Load the model with TransformerLens first, e.g. TransformerBridge.boot_transformers(name) "
+                "or HookedTransformer.from_pretrained(name)."
+            )
+        self.model = model
+        self.cfg = model.cfg
+        self._check_architecture()
+
+    # ------------------------------------------------------------------ facts
+    @property
+    def device(self) -> torch.device:
+        for p in self.model.parameters():
+            return p.device
+        return torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        for p in self.model.parameters():
+            if p.is_floating_point():
+                return p.dtype
+        return torch.float32
+
+    @property
+    def d_vocab(self) -> int:
+        return int(self.cfg.d_vocab)
+
+    @property
+    def n_ctx(self) -> int:
+        return int(getattr(self.cfg, "n_ctx", 0) or 1 << 30)
+
+    def architecture_name(self) -> str:
+        return str(getattr(self.cfg, "original_architecture", None) or type(self.model).__name__)
+
+    def _check_architecture(self) -> None:
+        cfg = self.cfg
+        arch = self.architecture_name()
+        if getattr(cfg, "use_normalization_before_and_after", False) or any(h in arch for h in POST_NORM_HINTS):
+            raise UnsupportedModelError(post_norm_message(arch, detail="its config says so"))
+        if not hasattr(self.model, "blocks") or len(self.model.blocks) != int(cfg.n_layers):
+            raise UnsupportedModelError(
+                f"{arch}: expected a decoder with `blocks` ({cfg.n_layers} layers); encoder, encoder-decoder "
+                "and multimodal-only models have no residual-stream edges that tl_edgeprune can mask."
+            )
+        for name in ("n_layers", "n_heads", "d_model", "d_vocab"):
+            if getattr(cfg, name, None) is None:
+                raise UnsupportedModelError(f"{arch}: the config has no {name}; cannot build the graph")
+
+    def W_O(self, layer: int) -> torch.Tensor:
+        """[head, d_head, d_model]: per-head outputs are einsum(hook_z, W_O), never use_attn_result."""
+        return self.model.blocks[layer].attn.W_O
+
+    # ------------------------------------------------------------------ flags
+    def flag_state(self) -> dict[str, Any]:
+        return {f: getattr(self.cfg, f, None) for f in self.FLAGS}
+
+    def enable_flags(self, need_mlp_in: bool) -> None:
+        try:
+            self.model.set_use_split_qkv_input(True)
+            if need_mlp_in:
+                self.model.set_use_hook_mlp_in(True)
+        except (NotImplementedError, AssertionError, ValueError, AttributeError) as exc:
+            raise UnsupportedModelError(
+                f"{self.architecture_name()}: TransformerLens cannot split this model's q/k/v or MLP inputs "
+                f"({type(exc).__name__}: {exc}). tl_edgeprune needs hook_q_input/hook_k_input/hook_v_input "
+                "and hook_mlp_in on every layer."
+            ) from exc
+
+    def restore_flags(self, state: dict[str, Any]) -> None:
+        setters = {
+            "use_split_qkv_input": "set_use_split_qkv_input",
+            "use_hook_mlp_in": "set_use_hook_mlp_in",
+        }
+        for flag, setter in setters.items():
+            old = state.get(flag)
+            if old is not None and getattr(self.cfg, flag, None) != old:
+                getattr(self.model, setter)(bool(old))
+
+    # ------------------------------------------------------------------ running
+    @contextlib.contextmanager
+    def hooks(self, fwd_hooks: list[tuple[str, Any]]) -> Iterator[None]:
+        """TransformerLens's own scoped hooks: removed on exit and on any exception."""
+        with self.model.hooks(fwd_hooks=fwd_hooks):
+            yield
+
+    def forward(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if attention_mask is None:
+            return self.model(tokens, return_type="logits")
+        return self.model(tokens, return_type="logits", attention_mask=attention_mask)
+
+    def hook_counts(self) -> dict[str, int]:
+        """Hooks currently attached to each hook point, to prove the model is left as it was."""
+        counts = {}
+        for name, module in self.model.named_modules():
+            fwd = getattr(module, "fwd_hooks", None)
+            bwd = getattr(module, "bwd_hooks", None)
+            if fwd is not None or bwd is not None:
+                counts[name] = len(fwd or []) + len(bwd or [])
+            if isinstance(module, nn.Module):
+                counts[name + "#torch"] = len(module._forward_hooks) + len(module._backward_hooks)
+        return counts
+
+
+def post_norm_message(arch: str, detail: str) -> str:
+    return (
+        f"{arch} applies a norm to the attention/MLP output before it enters the residual stream "
+        f"({detail}). Per-head outputs are then not additive, so per-head edges do not exist and "
+        "masking them would give wrong circuits. tl_edgeprune refuses such models (Gemma-2/3, OLMo-2); "
+        "use a pre-norm model (GPT-2, Pythia, Llama, Qwen, Gemma-1, ...)."
+    )

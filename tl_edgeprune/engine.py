@@ -1,0 +1,453 @@
+"""The masked forward: hooks that rebuild every residual-stream read as a mask-weighted mix.
+
+Inside ``with MaskedModel(model) as mm``, each reader r receives
+``Σ_j z_jr·y_j + (1 − z_jr)·ỹ_j``. The residual stream already holds ``Σ_j y_j`` (+ constant biases),
+so each reader group is computed as ``resid − Σ_j (1 − z_jr)·(y_j − ỹ_j)``: one contraction per chunk of
+writers, exact (bit for bit) when every mask is 1, with gradients flowing to the masks and through y.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+from typing import Any, Iterable, Sequence
+
+import einops
+import torch
+from jaxtyping import Float, Int
+
+from .adapter import ModelAdapter, post_norm_message
+from .counterfactual import Counterfactual
+from .errors import EdgePruneError, HookFiringError, UnsupportedModelError
+from .graph import Graph, GraphSpec, InputNodes, ReaderGroup, WriterChunk
+
+# Relative tolerance of the attach-time check that the residual stream is the sum of the writers.
+IDENTITY_TOL = {torch.float64: 1e-9, torch.float32: 1e-4}
+IDENTITY_TOL_LOW_PRECISION = 3e-2
+
+
+class _Run:
+    """State of one forward pass through the hooks."""
+
+    def __init__(self, mode: str, n_chunks: int, removal=None, cf_values=None, capture_readers=False):
+        self.mode = mode  # "capture": record writer outputs y; "mix": rebuild reader inputs
+        self.removal = removal  # [writer, reader]: (1 − z) on valid edges, 0 elsewhere
+        self.cf_values = cf_values  # ỹ [writer, batch|1, pos|1, d_model], or None (zero ablation)
+        self.chunks: list[torch.Tensor | None] = [None] * n_chunks  # y (capture) or y − ỹ (mix)
+        self.mixes: dict[int, torch.Tensor] = {}
+        self.fired: Counter = Counter()
+        self.reader_inputs: dict[int, torch.Tensor] | None = {} if capture_readers else None
+
+
+class MaskedModel:
+    """Context manager that installs the mixing hooks on an existing TransformerLens model.
+
+    The model is never rewritten: on exit (or any exception) hooks and config flags are restored, so
+    the model computes exactly what it did before. Outside a call of this object the hooks are inert.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        graph: Graph | None = None,
+        *,
+        input_nodes: InputNodes = "separate",
+        check_identity: bool = True,
+    ):
+        self.adapter = ModelAdapter(model)
+        self.model = model
+        model_spec = GraphSpec.from_config(model.cfg)
+        if graph is None:
+            graph = Graph.from_spec(model_spec, input_nodes)
+        elif graph.spec != model_spec:
+            raise EdgePruneError(
+                f"the graph was built for {graph.spec} but the model is {model_spec}; build it with "
+                "Graph.from_model(model)."
+            )
+        self.graph = graph
+        self.check_identity = check_identity
+        self._run: _Run | None = None
+        self._stack: contextlib.ExitStack | None = None
+        self._expected_firings = self._expected_hook_keys()
+
+    # ------------------------------------------------------------------ context
+    def __enter__(self) -> "MaskedModel":
+        if self._stack is not None:
+            raise EdgePruneError("this MaskedModel is already active; do not nest `with` on the same object")
+        stack = contextlib.ExitStack()
+        try:
+            flags = self.adapter.flag_state()
+            stack.callback(self.adapter.restore_flags, flags)  # runs last, after the hooks are gone
+            self.adapter.enable_flags(need_mlp_in=not self.graph.spec.attn_only)
+            stack.enter_context(self.adapter.hooks(self._hook_list()))
+            if self.check_identity:
+                self._check_residual_identity()
+        except BaseException:
+            self._run = None
+            stack.close()
+            raise
+        self._stack = stack
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        stack, self._stack = self._stack, None
+        self._run = None
+        if stack is not None:
+            stack.close()
+
+    def _require_active(self) -> None:
+        if self._stack is None:
+            raise EdgePruneError("use the MaskedModel inside `with MaskedModel(model) as mm:`")
+
+    # ------------------------------------------------------------------ public API
+    @property
+    def device(self) -> torch.device:
+        return self.adapter.device
+
+    def __call__(
+        self,
+        tokens: Int[torch.Tensor, "batch pos"],
+        counterfactual: Counterfactual,
+        edge_mask: Float[torch.Tensor, "writer reader"] | None = None,
+        node_mask: Float[torch.Tensor, " writer"] | None = None,
+        attention_mask: Int[torch.Tensor, "batch pos"] | None = None,
+    ) -> Float[torch.Tensor, "batch pos vocab"]:
+        """Logits of the masked forward. Masks: float (gradients flow) or bool; None means all ones."""
+        self._require_active()
+        tokens = self._check_tokens(tokens, "tokens")
+        attention_mask = self._check_attention_mask(attention_mask, tokens)
+        if not isinstance(counterfactual, Counterfactual):
+            raise EdgePruneError(
+                "counterfactual must come from mm.interchange(corrupted), mm.mean(reference) or mm.zero(), "
+                f"got {type(counterfactual).__name__}"
+            )
+        if counterfactual.n_writers != self.graph.n_writers:
+            raise EdgePruneError(
+                f"the counterfactual has {counterfactual.n_writers} writers but the graph has "
+                f"{self.graph.n_writers}: it was computed for another graph"
+            )
+        counterfactual.check_fits(*tokens.shape)
+        removal = self.removal_matrix(edge_mask, node_mask)
+        cf = counterfactual.values
+        if cf is not None:
+            cf = cf.to(device=self.device, dtype=removal.dtype)
+        run = _Run("mix", len(self.graph.writer_chunks), removal=removal, cf_values=cf)
+        return self._execute(run, tokens, attention_mask)
+
+    def interchange(
+        self, corrupted: Int[torch.Tensor, "batch pos"], attention_mask: Int[torch.Tensor, "batch pos"] | None = None
+    ) -> Counterfactual:
+        """Interchange ablation: ỹ are the writers' outputs on the corrupted batch."""
+        self._require_active()
+        corrupted = self._check_tokens(corrupted, "corrupted tokens")
+        attention_mask = self._check_attention_mask(attention_mask, corrupted)
+        values = self.writer_outputs(corrupted, attention_mask)
+        return Counterfactual("interchange", values, self.graph.n_writers, self.graph.spec.d_model)
+
+    def mean(
+        self,
+        reference: Int[torch.Tensor, "n pos"] | Iterable[Int[torch.Tensor, "batch pos"]],
+        per_position: bool = True,
+        attention_mask: Int[torch.Tensor, "n pos"] | None = None,
+        batch_size: int = 32,
+    ) -> Counterfactual:
+        """Mean ablation over a reference dataset (token ids), per position or over all positions."""
+        self._require_active()
+        batches = _split_reference(reference, attention_mask, batch_size)
+        total, count, width = None, None, None
+        for tokens, mask in batches:
+            tokens = self._check_tokens(tokens, "mean-ablation reference tokens")
+            if width is None:
+                width = tokens.shape[1]
+            elif per_position and tokens.shape[1] != width:
+                raise EdgePruneError(
+                    f"mean-ablation reference batches have widths {width} and {tokens.shape[1]}; per-position "
+                    "means need one width (pad with an attention mask) or use per_position=False"
+                )
+            mask = self._check_attention_mask(mask, tokens)
+            y = self.writer_outputs(tokens, mask).double()  # [writer, batch, pos, d]
+            w = torch.ones(tokens.shape, dtype=y.dtype, device=y.device) if mask is None else mask.to(y.dtype)
+            y = y * w[None, :, :, None]
+            dims = (1,) if per_position else (1, 2)
+            s, c = y.sum(dims), w.sum(tuple(d - 1 for d in dims))
+            total = s if total is None else total + s
+            count = c if count is None else count + c
+        if total is None:
+            raise EdgePruneError("the mean-ablation reference dataset is empty")
+        if bool((count == 0).any()):
+            raise EdgePruneError("some positions of the mean-ablation dataset are masked out in every example")
+        if per_position:
+            values = (total / count[None, :, None])[:, None]
+        else:
+            values = (total / count)[:, None, None]
+        values = values.to(self.adapter.dtype)
+        kind = "mean_per_position" if per_position else "mean"
+        return Counterfactual(kind, values, self.graph.n_writers, self.graph.spec.d_model)
+
+    def zero(self) -> Counterfactual:
+        """Zero ablation: a removed edge carries nothing (constant biases such as b_O stay)."""
+        return Counterfactual("zero", None, self.graph.n_writers, self.graph.spec.d_model)
+
+    def writer_outputs(
+        self, tokens: Int[torch.Tensor, "batch pos"], attention_mask: Int[torch.Tensor, "batch pos"] | None = None
+    ) -> Float[torch.Tensor, "writer batch pos d_model"]:
+        """Every writer's output on an unmasked forward, without gradients."""
+        self._require_active()
+        tokens = self._check_tokens(tokens, "tokens")
+        run = _Run("capture", len(self.graph.writer_chunks))
+        with torch.no_grad():
+            self._execute(run, tokens, attention_mask)
+        return torch.cat(run.chunks, dim=0)
+
+    def removal_matrix(
+        self,
+        edge_mask: Float[torch.Tensor, "writer reader"] | None,
+        node_mask: Float[torch.Tensor, " writer"] | None = None,
+    ) -> Float[torch.Tensor, "writer reader"]:
+        """(1 − z_edge·z_node) on valid edges, 0 elsewhere, in the model's dtype."""
+        dtype, device = self.adapter.dtype, self.device
+        valid = self.graph.valid_mask(device=device).to(dtype)
+        keep = None
+        if edge_mask is not None:
+            keep = _check_mask(edge_mask, self.graph.shape, "edge_mask", device).to(dtype)
+        if node_mask is not None:
+            nodes = _check_mask(node_mask, (self.graph.n_writers,), "node_mask", device).to(dtype)[:, None]
+            keep = nodes if keep is None else keep * nodes
+        if keep is None:
+            return torch.zeros_like(valid)
+        return valid * (1 - keep)
+
+    # ------------------------------------------------------------------ running
+    def _execute(self, run: _Run, tokens: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        if self._run is not None:
+            raise EdgePruneError("a masked forward is already running (re-entrant call from inside a hook?)")
+        self._run = run
+        try:
+            logits = self.adapter.forward(tokens, attention_mask)
+        finally:
+            self._run = None
+        self._check_firings(run)
+        return logits
+
+    def _expected_hook_keys(self) -> Counter:
+        keys = Counter()
+        for ci in range(len(self.graph.writer_chunks)):
+            keys[("w", ci)] = 1
+        for gi, group in enumerate(self.graph.reader_groups):
+            for _, offset, _, _ in self._reader_parts(group):
+                keys[("r", gi, offset)] = 1
+        return keys
+
+    def _check_firings(self, run: _Run) -> None:
+        if run.fired == self._expected_firings:
+            return
+        names = {key: name for name, key in self._hook_keys()}
+        problems = []
+        for key, want in self._expected_firings.items():
+            got = run.fired.get(key, 0)
+            if got != want:
+                problems.append(f"{names[key]} fired {got} times (expected {want})")
+        raise HookFiringError(
+            "the masked forward did not run as the graph says: " + "; ".join(problems) + ". The model's forward "
+            "skipped or repeated these hook points, so edges through them would be silently wrong."
+        )
+
+    # ------------------------------------------------------------------ hooks
+    def _reader_parts(self, group: ReaderGroup) -> list[tuple[str, int, int, bool]]:
+        """(hook name, offset in group, size, per-head?) for each hook that feeds a reader group."""
+        spec = self.graph.spec
+        if group.kind == "attn":
+            H, G, l = spec.n_heads, spec.n_kv_heads, group.layer
+            return [
+                (f"blocks.{l}.hook_q_input", 0, H, True),
+                (f"blocks.{l}.hook_k_input", H, G, True),
+                (f"blocks.{l}.hook_v_input", H + G, G, True),
+            ]
+        if group.kind == "mlp":
+            return [(f"blocks.{group.layer}.hook_mlp_in", 0, 1, False)]
+        return [(f"blocks.{spec.n_layers - 1}.hook_resid_post", 0, 1, False)]
+
+    def _writer_hook_name(self, chunk: WriterChunk) -> str:
+        return {
+            "input": "blocks.0.hook_resid_pre",
+            "tok": "hook_embed",
+            "pos": "hook_pos_embed",
+            "attn": f"blocks.{chunk.layer}.attn.hook_z",
+            "mlp": f"blocks.{chunk.layer}.hook_mlp_out",
+        }[chunk.kind]
+
+    def _hook_keys(self) -> list[tuple[str, tuple]]:
+        keys = [(self._writer_hook_name(c), ("w", ci)) for ci, c in enumerate(self.graph.writer_chunks)]
+        for gi, group in enumerate(self.graph.reader_groups):
+            keys += [(name, ("r", gi, offset)) for name, offset, _, _ in self._reader_parts(group)]
+        return keys
+
+    def _hook_list(self) -> list[tuple[str, Any]]:
+        hooks = [(self._writer_hook_name(c), self._writer_hook(ci)) for ci, c in enumerate(self.graph.writer_chunks)]
+        for gi, group in enumerate(self.graph.reader_groups):
+            for name, offset, size, per_head in self._reader_parts(group):
+                hooks.append((name, self._reader_hook(gi, offset, size, per_head)))
+        return hooks
+
+    def _writer_hook(self, chunk_index: int):
+        chunk = self.graph.writer_chunks[chunk_index]
+        key = ("w", chunk_index)
+
+        def hook(activation: torch.Tensor, hook: Any) -> None:
+            run = self._run
+            if run is None:
+                return None
+            run.fired[key] += 1
+            if chunk.kind == "attn":
+                # Per-head outputs from hook_z and W_O: [head, batch, pos, d_model], never use_attn_result.
+                W_O = self.adapter.W_O(chunk.layer)
+                y = torch.einsum("bphe,hed->hbpd", activation, W_O)
+            else:
+                y = activation.unsqueeze(0)
+            if run.mode == "mix" and run.cf_values is not None:
+                y = y - run.cf_values[chunk.start : chunk.stop]
+            run.chunks[chunk_index] = y
+            return None  # writers are only observed: the residual stream itself is never changed
+
+        return hook
+
+    def _reader_hook(self, group_index: int, offset: int, size: int, per_head: bool):
+        group = self.graph.reader_groups[group_index]
+        key = ("r", group_index, offset)
+
+        def hook(activation: torch.Tensor, hook: Any) -> torch.Tensor | None:
+            run = self._run
+            if run is None:
+                return None
+            run.fired[key] += 1
+            if run.mode == "capture":
+                if run.reader_inputs is not None and offset == 0:
+                    run.reader_inputs[group_index] = activation[:, :, 0] if per_head else activation
+                return None
+            mix = run.mixes.get(group_index)
+            if mix is None:
+                mix = run.mixes[group_index] = self._mix(run, group)
+            part = mix[offset : offset + size]
+            if per_head:
+                return activation - einops.rearrange(part, "reader b p d -> b p reader d")
+            return activation - part[0]
+
+        return hook
+
+    def _mix(self, run: _Run, group: ReaderGroup) -> Float[torch.Tensor, "reader batch pos d_model"]:
+        """Σ_j (1 − z_jr)(y_j − ỹ_j) for a reader group: one contraction per upstream writer chunk.
+
+        Which writers a group reads comes from the graph (a prefix), never from hook firing order.
+        """
+        total = None
+        for ci, chunk in enumerate(self.graph.writer_chunks):
+            if chunk.start >= group.n_writers:
+                break
+            delta = run.chunks[ci]
+            if delta is None:
+                raise HookFiringError(
+                    f"reader {self.graph.readers[group.start]} was read before its upstream writer "
+                    f"{self.graph.writers[chunk.start]} ({self._writer_hook_name(chunk)}) fired"
+                )
+            coef = run.removal[chunk.start : chunk.stop, group.start : group.stop]
+            term = torch.einsum("wr,wbpd->rbpd", coef, delta)
+            total = term if total is None else total + term
+        return total
+
+    # ------------------------------------------------------------------ checks
+    def _check_residual_identity(self) -> None:
+        """At attach time: each reader's residual must be Σ upstream writers + a constant (the biases)."""
+        gen = torch.Generator().manual_seed(0)
+        n_pos = min(self.adapter.n_ctx, 6)
+        tokens = torch.randint(0, self.adapter.d_vocab, (2, n_pos), generator=gen).to(self.device)
+        run = _Run("capture", len(self.graph.writer_chunks), capture_readers=True)
+        with torch.no_grad():
+            self._execute(run, tokens, None)
+            ys = torch.cat(run.chunks, dim=0)
+            dtype = ys.dtype
+            tol = IDENTITY_TOL.get(dtype, IDENTITY_TOL_LOW_PRECISION)
+            for gi, group in enumerate(self.graph.reader_groups):
+                resid = run.reader_inputs[gi]
+                const = resid - ys[: group.n_writers].sum(0)
+                deviation = float((const - const[:1, :1]).abs().max())
+                scale = max(1.0, float(resid.abs().max()))
+                if deviation > tol * scale:
+                    reader = self.graph.readers[group.start]
+                    raise UnsupportedModelError(
+                        post_norm_message(
+                            self.adapter.architecture_name(),
+                            detail=f"at {reader} the residual stream differs from the sum of its upstream "
+                            f"writers by {deviation:.3g}, relative to a scale of {scale:.3g}",
+                        )
+                    )
+
+    def _check_tokens(self, tokens: Any, what: str) -> torch.Tensor:
+        if isinstance(tokens, (str, list, tuple)):
+            raise EdgePruneError(
+                f"{what}: pass token ids (a LongTensor [batch, pos]), not text; tokenise with "
+                "model.to_tokens(prompts) so clean and corrupted prompts get the same BOS handling"
+            )
+        if not isinstance(tokens, torch.Tensor) or tokens.dtype not in (torch.int64, torch.int32):
+            raise EdgePruneError(f"{what} must be an integer tensor of token ids, got {_describe(tokens)}")
+        if tokens.dim() != 2:
+            raise EdgePruneError(f"{what} must be [batch, pos], got shape {list(tokens.shape)} (use tokens[None])")
+        if tokens.numel() == 0:
+            raise EdgePruneError(f"{what} is empty: shape {list(tokens.shape)}")
+        if tokens.shape[1] > self.adapter.n_ctx:
+            raise EdgePruneError(f"{what} has {tokens.shape[1]} positions but the model's n_ctx is {self.adapter.n_ctx}")
+        lo, hi = int(tokens.min()), int(tokens.max())
+        if lo < 0 or hi >= self.adapter.d_vocab:
+            raise EdgePruneError(f"{what} has ids in [{lo}, {hi}] outside the vocabulary [0, {self.adapter.d_vocab})")
+        return tokens.to(self.device, torch.long)
+
+    def _check_attention_mask(self, mask: Any, tokens: torch.Tensor) -> torch.Tensor | None:
+        if mask is None:
+            return None
+        if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(tokens.shape):
+            raise EdgePruneError(
+                f"attention_mask must be a tensor of the tokens' shape {list(tokens.shape)}, got {_describe(mask)}"
+            )
+        return mask.to(self.device)
+
+
+def masked(model: Any, graph: Graph | None = None, **kwargs: Any) -> MaskedModel:
+    """``with masked(model) as mm:`` — the engine, installed on an existing TransformerLens model."""
+    return MaskedModel(model, graph, **kwargs)
+
+
+def _check_mask(mask: Any, shape: Sequence[int], what: str, device: torch.device) -> torch.Tensor:
+    if not isinstance(mask, torch.Tensor):
+        raise EdgePruneError(f"{what} must be a torch tensor of shape {list(shape)}, got {type(mask).__name__}")
+    if tuple(mask.shape) != tuple(shape):
+        raise EdgePruneError(
+            f"{what} has shape {list(mask.shape)} but this graph needs {list(shape)} ([n_writers, n_readers] for "
+            "edges, [n_writers] for nodes); start from graph.ones() or graph.zeros()"
+        )
+    if mask.dtype != torch.bool and not mask.is_floating_point():
+        raise EdgePruneError(f"{what} must be float (for gradients) or bool, got {mask.dtype}")
+    device = torch.device(device)
+    if mask.device.type != device.type or (mask.device.index or 0) != (device.index or 0):
+        raise EdgePruneError(f"{what} is on {mask.device} but the model is on {device}; use {what}.to('{device}')")
+    return mask
+
+
+def _describe(x: Any) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"tensor {x.dtype} of shape {list(x.shape)}"
+    return type(x).__name__
+
+
+def _split_reference(reference: Any, attention_mask: Any, batch_size: int):
+    """Yield (tokens, mask) batches from a tensor (split into batch_size rows) or an iterable of batches."""
+    if isinstance(reference, torch.Tensor):
+        if reference.dim() != 2:
+            raise EdgePruneError(f"mean-ablation reference must be [n, pos] token ids, got shape {list(reference.shape)}")
+        for start in range(0, reference.shape[0], batch_size):
+            mask = None if attention_mask is None else attention_mask[start : start + batch_size]
+            yield reference[start : start + batch_size], mask
+        return
+    for item in reference:
+        if isinstance(item, (tuple, list)) and len(item) == 2:
+            yield item[0], item[1]
+        else:
+            yield item, None

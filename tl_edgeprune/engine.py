@@ -20,6 +20,7 @@ from .adapter import ModelAdapter, post_norm_message
 from .counterfactual import Counterfactual
 from .errors import EdgePruneError, HookFiringError, UnsupportedModelError
 from .graph import Graph, GraphSpec, InputNodes, ReaderGroup, WriterChunk
+from .mixing import DeltaBuffer, mix, write
 
 # Relative tolerance of the attach-time check that the residual stream is the sum of the writers.
 IDENTITY_TOL = {torch.float64: 1e-9, torch.float32: 1e-4}
@@ -33,8 +34,9 @@ class _Run:
         self.mode = mode  # "capture": record writer outputs y; "mix": rebuild reader inputs
         self.removal = removal  # [writer, reader]: (1 − z) on valid edges, 0 elsewhere
         self.cf_values = cf_values  # ỹ [writer, batch|1, pos|1, d_model], or None (zero ablation)
-        self.chunks: list[torch.Tensor | None] = [None] * n_chunks  # y (capture) or y − ỹ (mix)
-        self.mixes: dict[int, torch.Tensor] = {}
+        self.buffer: DeltaBuffer | None = None  # y (capture) or y − ỹ (mix) of every writer
+        self.tokens: list[torch.Tensor | None] = [None] * n_chunks  # autograd links, one per writer chunk
+        self.mixes: dict[int, tuple[torch.Tensor, ...]] = {}
         self.fired: Counter = Counter()
         self.reader_inputs: dict[int, torch.Tensor] | None = {} if capture_readers else None
 
@@ -153,18 +155,19 @@ class MaskedModel:
     ) -> Counterfactual:
         """Mean ablation over a reference dataset (token ids), per position or over all positions."""
         self._require_active()
-        batches = _split_reference(reference, attention_mask, batch_size)
-        total, count, width = None, None, None
-        for tokens, mask in batches:
+        batches = []  # validate every batch before the first forward
+        for tokens, mask in _split_reference(reference, attention_mask, batch_size):
             tokens = self._check_tokens(tokens, "mean-ablation reference tokens")
-            if width is None:
-                width = tokens.shape[1]
-            elif per_position and tokens.shape[1] != width:
+            if per_position and batches and tokens.shape[1] != batches[0][0].shape[1]:
                 raise EdgePruneError(
-                    f"mean-ablation reference batches have widths {width} and {tokens.shape[1]}; per-position "
-                    "means need one width (pad with an attention mask) or use per_position=False"
+                    f"mean-ablation reference batches have widths {batches[0][0].shape[1]} and {tokens.shape[1]}; "
+                    "per-position means need one width (pad with an attention mask) or use per_position=False"
                 )
-            mask = self._check_attention_mask(mask, tokens)
+            batches.append((tokens, self._check_attention_mask(mask, tokens)))
+        if not batches:
+            raise EdgePruneError("the mean-ablation reference dataset is empty")
+        total, count = None, None
+        for tokens, mask in batches:
             y = self.writer_outputs(tokens, mask).double()  # [writer, batch, pos, d]
             w = torch.ones(tokens.shape, dtype=y.dtype, device=y.device) if mask is None else mask.to(y.dtype)
             y = y * w[None, :, :, None]
@@ -172,8 +175,6 @@ class MaskedModel:
             s, c = y.sum(dims), w.sum(tuple(d - 1 for d in dims))
             total = s if total is None else total + s
             count = c if count is None else count + c
-        if total is None:
-            raise EdgePruneError("the mean-ablation reference dataset is empty")
         if bool((count == 0).any()):
             raise EdgePruneError("some positions of the mean-ablation dataset are masked out in every example")
         if per_position:
@@ -197,7 +198,7 @@ class MaskedModel:
         run = _Run("capture", len(self.graph.writer_chunks))
         with torch.no_grad():
             self._execute(run, tokens, attention_mask)
-        return torch.cat(run.chunks, dim=0)
+        return run.buffer.values
 
     def removal_matrix(
         self,
@@ -304,9 +305,12 @@ class MaskedModel:
                 y = torch.einsum("bphe,hed->hbpd", activation, W_O)
             else:
                 y = activation.unsqueeze(0)
+            if run.buffer is None:
+                run.buffer = DeltaBuffer(self.graph.n_writers, y.shape[1:], y.dtype, y.device)
+            cf = None
             if run.mode == "mix" and run.cf_values is not None:
-                y = y - run.cf_values[chunk.start : chunk.stop]
-            run.chunks[chunk_index] = y
+                cf = run.cf_values[chunk.start : chunk.stop]
+            run.tokens[chunk_index] = write(y, cf, run.buffer, chunk.start, chunk.stop)
             return None  # writers are only observed: the residual stream itself is never changed
 
         return hook
@@ -314,6 +318,7 @@ class MaskedModel:
     def _reader_hook(self, group_index: int, offset: int, size: int, per_head: bool):
         group = self.graph.reader_groups[group_index]
         key = ("r", group_index, offset)
+        part_index = [o for _, o, _, _ in self._reader_parts(group)].index(offset)
 
         def hook(activation: torch.Tensor, hook: Any) -> torch.Tensor | None:
             run = self._run
@@ -327,32 +332,31 @@ class MaskedModel:
             mix = run.mixes.get(group_index)
             if mix is None:
                 mix = run.mixes[group_index] = self._mix(run, group)
-            part = mix[offset : offset + size]
+            part = mix[part_index]
             if per_head:
                 return activation - einops.rearrange(part, "reader b p d -> b p reader d")
             return activation - part[0]
 
         return hook
 
-    def _mix(self, run: _Run, group: ReaderGroup) -> Float[torch.Tensor, "reader batch pos d_model"]:
-        """Σ_j (1 − z_jr)(y_j − ỹ_j) for a reader group: one contraction per upstream writer chunk.
+    def _mix(self, run: _Run, group: ReaderGroup) -> tuple[torch.Tensor, ...]:
+        """Σ_j (1 − z_jr)(y_j − ỹ_j) for a reader group, one [reader, batch, pos, d_model] per hook.
 
         Which writers a group reads comes from the graph (a prefix), never from hook firing order.
         """
-        total = None
+        tokens = []
         for ci, chunk in enumerate(self.graph.writer_chunks):
             if chunk.start >= group.n_writers:
                 break
-            delta = run.chunks[ci]
-            if delta is None:
+            if run.tokens[ci] is None:
                 raise HookFiringError(
                     f"reader {self.graph.readers[group.start]} was read before its upstream writer "
                     f"{self.graph.writers[chunk.start]} ({self._writer_hook_name(chunk)}) fired"
                 )
-            coef = run.removal[chunk.start : chunk.stop, group.start : group.stop]
-            term = torch.einsum("wr,wbpd->rbpd", coef, delta)
-            total = term if total is None else total + term
-        return total
+            tokens.append(run.tokens[ci])
+        coef = run.removal[: group.n_writers, group.start : group.stop]
+        sizes = tuple(size for _, _, size, _ in self._reader_parts(group))
+        return mix(coef, run.buffer, group.n_writers, sizes, tokens)
 
     # ------------------------------------------------------------------ checks
     def _check_residual_identity(self) -> None:
@@ -363,7 +367,7 @@ class MaskedModel:
         run = _Run("capture", len(self.graph.writer_chunks), capture_readers=True)
         with torch.no_grad():
             self._execute(run, tokens, None)
-            ys = torch.cat(run.chunks, dim=0)
+            ys = run.buffer.values
             dtype = ys.dtype
             tol = IDENTITY_TOL.get(dtype, IDENTITY_TOL_LOW_PRECISION)
             for gi, group in enumerate(self.graph.reader_groups):

@@ -1,0 +1,89 @@
+"""Shared benchmark helpers: GPT-2-small-shaped random models, timing stats, per-process peak memory."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+GPT2_SMALL = dict(n_layers=12, d_model=768, n_heads=12, d_head=64, d_mlp=3072, d_vocab=50257, n_ctx=1024)
+
+
+def gpt2_small_model(seed: int = 0, **overrides):
+    """A randomly initialised GPT-2-small-shaped model: HookedTransformer where it exists, else a bridge."""
+    from tl_edgeprune.adapter import hooked_transformer_class
+
+    shape = {**GPT2_SMALL, **overrides}
+    if hooked_transformer_class() is not None:
+        from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+        cfg = HookedTransformerConfig(act_fn="gelu_new", normalization_type="LN", seed=seed, **shape)
+        return HookedTransformer(cfg).eval()
+    import transformers
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+    from tests.models import word_tokenizer
+
+    torch.manual_seed(seed)
+    hf_cfg = transformers.GPT2Config(
+        n_layer=shape["n_layers"], n_head=shape["n_heads"], n_embd=shape["d_model"], n_inner=shape["d_mlp"],
+        vocab_size=shape["d_vocab"], n_positions=shape["n_ctx"],
+    )
+    from transformer_lens.model_bridge import TransformerBridge
+
+    return TransformerBridge.boot_transformers(
+        "openai-community/gpt2", hf_model=transformers.GPT2LMHeadModel(hf_cfg).eval(), tokenizer=word_tokenizer(100)
+    )
+
+
+def timed(fn, repeats: int, warmup: int = 1) -> dict:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return {"min": min(times), "median": statistics.median(times), "max": max(times), "n": repeats}
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def reset_peak_rss() -> int:
+    """Reset the kernel's high-water mark (VmHWM) to the current RSS and return that RSS."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return rss_bytes()
+
+
+def peak_rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def in_subprocess(script: str, *args: str) -> dict:
+    """Run `python script args` and parse the JSON it prints last (each memory figure gets a fresh process)."""
+    out = subprocess.run([sys.executable, script, *args], check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def allocator_env() -> str:
+    keys = ["MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_ARENA_MAX", "LD_PRELOAD", "OMP_NUM_THREADS"]
+    set_ = {k: os.environ[k] for k in keys if k in os.environ}
+    return ", ".join(f"{k}={v}" for k, v in set_.items()) or "glibc malloc defaults"
+
+
+def fmt_stats(s: dict) -> str:
+    return f"min {s['min']:.3f}s  median {s['median']:.3f}s  max {s['max']:.3f}s  (n={s['n']})"

@@ -1,0 +1,186 @@
+"""The engine against plain TransformerLens, on random models of every supported architecture.
+
+Tolerance: 1e-5 absolute on float32 logits (observed errors are ~1e-7; logits are O(1)).
+"""
+
+import pytest
+import torch
+
+import tl_edgeprune as tep
+
+from .conftest import MODEL_IDS, make_model
+from .reference import eap_scores, patch_one_edge, writer_cache_names, writer_output
+
+ATOL = 1e-5
+
+
+def counterfactual_outputs(model, kind, corrupted):
+    """ỹ_w as plain TransformerLens computes it, for the reference functions."""
+    if kind == "zero":
+        return lambda writer: 0.0
+    names = writer_cache_names(model)
+    _, cache = model.run_with_cache(corrupted, names_filter=lambda n: n in names)
+    if kind == "interchange":
+        return lambda writer: writer_output(model, cache, writer)
+    return lambda writer: writer_output(model, cache, writer).mean(0, keepdim=True)  # per-position mean
+
+
+def engine_counterfactual(mm, kind, corrupted):
+    if kind == "zero":
+        return mm.zero()
+    if kind == "interchange":
+        return mm.interchange(corrupted)
+    return mm.mean(corrupted, per_position=True)
+
+
+@pytest.mark.parametrize("input_nodes", ["separate", "merged"])
+def test_all_ones_gives_clean_logits_and_all_zeros_gives_corrupted(any_model, tokens, input_nodes):
+    clean, corrupted = tokens
+    ref_clean, ref_corrupted = any_model(clean), any_model(corrupted)
+    with tep.masked(any_model, input_nodes=input_nodes) as mm:
+        cf = mm.interchange(corrupted)
+        ones = mm(clean, cf, mm.graph.ones())
+        zeros = mm(clean, cf, mm.graph.zeros())
+        no_mask = mm(clean, cf)
+        bool_zeros = mm(clean, cf, mm.graph.zeros().bool())
+    torch.testing.assert_close(ones, ref_clean, atol=ATOL, rtol=0)
+    torch.testing.assert_close(no_mask, ref_clean, atol=ATOL, rtol=0)
+    torch.testing.assert_close(zeros, ref_corrupted, atol=ATOL, rtol=0)
+    torch.testing.assert_close(bool_zeros, zeros, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("model_id", [m for m in MODEL_IDS if m.startswith("hooked")])
+def test_all_ones_is_bit_exact_on_hooked_transformer(model_id, tokens):
+    """(1 − z) = 0 makes the mix an exact no-op: the masked forward equals TL's split-q/k/v forward bit for bit."""
+    model = make_model(model_id)
+    clean, corrupted = tokens
+    reference = model(clean)
+    with tep.masked(model) as mm:
+        out = mm(clean, mm.interchange(corrupted), mm.graph.ones())
+    assert torch.equal(out, reference)
+
+
+@pytest.mark.parametrize("model_id", MODEL_IDS)
+@pytest.mark.parametrize("input_nodes", ["separate", "merged"])
+def test_every_single_edge_matches_manual_patching(model_id, input_nodes, tokens):
+    model = make_model(model_id)
+    clean, corrupted = tokens
+    ref_cf = counterfactual_outputs(model, "interchange", corrupted)
+    with tep.masked(model, input_nodes=input_nodes) as mm:
+        cf = mm.interchange(corrupted)
+        graph = mm.graph
+        ours = {}
+        for name in graph.edge_names():
+            z = graph.ones()
+            z[graph.edge_index(name)] = 0
+            ours[name] = mm(clean, cf, z)
+    assert len(ours) == graph.n_edges
+    for name, logits in ours.items():
+        expected = patch_one_edge(model, clean, ref_cf, name)
+        torch.testing.assert_close(logits, expected, atol=ATOL, rtol=0, msg=lambda m: f"edge {name}: {m}")
+
+
+@pytest.mark.parametrize("model_id", ["hooked-gpt2", "hooked-llama", "bridge-gpt2"])
+@pytest.mark.parametrize("kind", ["mean", "zero"])
+def test_single_edges_under_mean_and_zero_ablation(model_id, kind, tokens):
+    model = make_model(model_id)
+    clean, corrupted = tokens
+    ref_cf = counterfactual_outputs(model, kind, corrupted)
+    with tep.masked(model) as mm:
+        cf = engine_counterfactual(mm, kind, corrupted)
+        graph = mm.graph
+        names = graph.edge_names()[:: max(1, graph.n_edges // 40)] + [graph.edge_names()[-1]]
+        for name in names:
+            z = graph.ones()
+            z[graph.edge_index(name)] = 0
+            torch.testing.assert_close(
+                mm(clean, cf, z), patch_one_edge(model, clean, ref_cf, name), atol=ATOL, rtol=0
+            )
+
+
+@pytest.mark.parametrize("kind", ["interchange", "mean", "zero"])
+def test_gradient_at_one_is_the_eap_formula(any_model, tokens, kind):
+    clean, corrupted = tokens
+    weights = torch.randn(any_model.cfg.d_vocab, generator=torch.Generator().manual_seed(7))
+
+    def metric(logits):
+        return (logits[:, -1] * weights).sum() + logits[:, 2, 3].sum()
+
+    expected = eap_scores(any_model, tep.Graph.from_model(any_model), clean,
+                          counterfactual_outputs(any_model, kind, corrupted), metric)
+    with tep.masked(any_model) as mm:
+        cf = engine_counterfactual(mm, kind, corrupted)
+        z = mm.graph.ones().requires_grad_(True)
+        metric(mm(clean, cf, z)).backward()
+        valid = mm.graph.valid_mask()
+    assert z.grad is not None
+    torch.testing.assert_close(z.grad[valid].double(), expected[valid], atol=ATOL, rtol=1e-4)
+    assert torch.all(z.grad[~valid] == 0)
+    assert expected[valid].abs().max() > 1e-3  # the check is not vacuous
+
+
+def test_node_mask_equals_zeroing_all_out_edges(tokens):
+    model = make_model("hooked-gpt2" if tep.adapter.hooked_transformer_class() else "bridge-gpt2")
+    clean, corrupted = tokens
+    with tep.masked(model) as mm:
+        cf = mm.interchange(corrupted)
+        graph = mm.graph
+        j = graph.writer_index("a0.h2")
+        nodes = torch.ones(graph.n_writers)
+        nodes[j] = 0
+        z = graph.ones()
+        z[j] = 0
+        by_node = mm(clean, cf, graph.ones(), nodes)
+        by_edges = mm(clean, cf, z)
+        unchanged = mm(clean, cf)
+    torch.testing.assert_close(by_node, by_edges, atol=ATOL, rtol=0)
+    assert (by_node - unchanged).abs().max() > 1e-4
+
+
+def test_fractional_masks_mix_linearly(tokens):
+    """z = 0.3 on every edge into the final reader gives 0.3·y + 0.7·ỹ there (a hook added after ours sees it)."""
+    model = make_model("hooked-gpt2" if tep.adapter.hooked_transformer_class() else "bridge-gpt2")
+    clean, corrupted = tokens
+    last = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
+    seen = {}
+    with tep.masked(model) as mm:
+        cf = mm.interchange(corrupted)
+        r = mm.graph.reader_index("logits")
+        for value in (1.0, 0.0, 0.3):
+            z = mm.graph.ones()
+            z[:, r] = value
+            with model.hooks(fwd_hooks=[(last, lambda x, hook, v=value: seen.__setitem__(v, x.detach().clone()))]):
+                mm(clean, cf, z)
+    torch.testing.assert_close(seen[0.3], 0.3 * seen[1.0] + 0.7 * seen[0.0], atol=ATOL, rtol=0)
+    assert (seen[1.0] - seen[0.0]).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("model_id", ["hooked-gpt2", "hooked-neox", "hooked-llama", "bridge-gpt2"])
+def test_gradient_at_fractional_masks_matches_finite_differences(model_id, tokens):
+    """Away from z = 1 gradients also flow through y_j into upstream masks; check them in float64."""
+    # float64 through the config: HookedTransformer.double() would still compute parts in cfg.dtype (float32).
+    model = make_model(model_id, dtype=torch.float64)
+    clean, corrupted = tokens
+    gen = torch.Generator().manual_seed(3)
+    with tep.masked(model) as mm:
+        cf = mm.interchange(corrupted)
+        g = mm.graph
+        z0 = torch.rand(g.shape, generator=gen, dtype=torch.float64)
+        nodes0 = torch.rand(g.n_writers, generator=gen, dtype=torch.float64)
+
+        def f(z, nodes):
+            return mm(clean, cf, z, nodes)[:, -1].log_softmax(-1)[:, 5].sum()
+
+        z = z0.clone().requires_grad_(True)
+        nodes = nodes0.clone().requires_grad_(True)
+        f(z, nodes).backward()
+        valid = g.valid_mask()
+        for _ in range(3):
+            v = torch.randn(g.shape, generator=gen, dtype=torch.float64) * valid
+            u = torch.randn(g.n_writers, generator=gen, dtype=torch.float64)
+            eps = 1e-5
+            with torch.no_grad():
+                numeric = (f(z0 + eps * v, nodes0 + eps * u) - f(z0 - eps * v, nodes0 - eps * u)) / (2 * eps)
+            analytic = (z.grad * v).sum() + (nodes.grad * u).sum()
+            torch.testing.assert_close(analytic, numeric, atol=1e-7, rtol=1e-6)
+        assert z.grad[valid].abs().max() > 1e-3

@@ -1,0 +1,189 @@
+"""The model is left exactly as it was, and bad input fails early with a message that says what to do."""
+
+import pytest
+import torch
+from torch import nn
+
+import tl_edgeprune as tep
+from tl_edgeprune.adapter import ModelAdapter
+
+from .conftest import HAS_HOOKED, make_model, needs_hooked
+from .models import hooked_model
+
+
+def snapshot(model, clean):
+    adapter = ModelAdapter(model)
+    return model(clean).detach(), adapter.hook_counts(), adapter.flag_state()
+
+
+def assert_untouched(model, clean, before):
+    logits, hooks, flags = snapshot(model, clean)
+    assert torch.equal(logits, before[0])
+    assert hooks == before[1]
+    assert flags == before[2]
+
+
+def test_model_is_restored_after_use(any_model, tokens):
+    clean, corrupted = tokens
+    before = snapshot(any_model, clean)
+    with tep.masked(any_model) as mm:
+        z = mm.graph.zeros()
+        mm(clean, mm.interchange(corrupted), z)
+        # Inside the context, a plain call is not masked (hooks are inert outside mm(...)).
+        torch.testing.assert_close(any_model(clean), before[0], atol=1e-5, rtol=0)
+    assert_untouched(any_model, clean, before)
+
+
+def test_model_is_restored_when_an_exception_escapes(any_model, tokens):
+    clean, corrupted = tokens
+    before = snapshot(any_model, clean)
+    with pytest.raises(ZeroDivisionError):
+        with tep.masked(any_model) as mm:
+            mm(clean, mm.interchange(corrupted), mm.graph.zeros())
+            1 / 0
+    assert_untouched(any_model, clean, before)
+
+
+def test_model_is_restored_when_the_forward_itself_fails(any_model, tokens):
+    clean, corrupted = tokens
+    before = snapshot(any_model, clean)
+
+    def boom(x, hook):
+        raise RuntimeError("user hook failed")
+
+    with tep.masked(any_model) as mm:
+        cf = mm.interchange(corrupted)
+        with pytest.raises(RuntimeError, match="user hook failed"):
+            with any_model.hooks(fwd_hooks=[("blocks.1.hook_resid_pre", boom)]):
+                mm(clean, cf, mm.graph.zeros())
+        # The engine recovers: the next masked forward works.
+        torch.testing.assert_close(mm(clean, cf), before[0], atol=1e-5, rtol=0)
+    assert_untouched(any_model, clean, before)
+
+
+def test_user_hooks_survive(tokens):
+    model = make_model("hooked-gpt2" if HAS_HOOKED else "bridge-gpt2")
+    clean, corrupted = tokens
+    calls = []
+    model.add_hook("blocks.0.hook_resid_pre", lambda x, hook: calls.append(1), is_permanent=True)
+    before = snapshot(model, clean)
+    with tep.masked(model) as mm:
+        mm(clean, mm.interchange(corrupted))
+    assert_untouched(model, clean, before)
+    assert len(calls) >= 3
+
+
+# ---------------------------------------------------------------------------------------- refusals
+@needs_hooked
+def test_post_attention_norm_config_is_refused_before_any_forward():
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    cfg = HookedTransformerConfig(
+        n_layers=2, d_model=16, n_heads=2, d_head=8, d_mlp=32, d_vocab=20, n_ctx=8, act_fn="gelu",
+        normalization_type="RMS", use_normalization_before_and_after=True,
+    )
+    with pytest.raises(tep.UnsupportedModelError, match="per-head edges do not exist"):
+        tep.masked(HookedTransformer(cfg))
+
+
+def test_non_additive_outputs_are_detected_numerically(tokens):
+    """A model whose attention output is rescaled before the residual add fails the attach-time identity check."""
+    model = make_model("hooked-gpt2" if HAS_HOOKED else "bridge-gpt2")
+    clean, _ = tokens
+    model.add_hook("blocks.0.hook_attn_out", lambda x, hook: 1.7 * x, is_permanent=True)
+    before = snapshot(model, clean)
+    with pytest.raises(tep.UnsupportedModelError, match="differs from the sum of its upstream writers"):
+        with tep.masked(model):
+            pass
+    assert_untouched(model, clean, before)
+
+
+def test_unsupported_model_types():
+    with pytest.raises(tep.UnsupportedModelError, match="got Linear"):
+        tep.masked(nn.Linear(3, 3))
+    with pytest.raises(tep.UnsupportedModelError, match="got str"):
+        tep.masked("gpt2")
+
+
+@needs_hooked
+def test_graph_of_another_model_is_refused():
+    model = hooked_model("gpt2")
+    other = tep.Graph.from_model(hooked_model("gpt2", n_layers=3))
+    with pytest.raises(tep.EdgePruneError, match="Graph.from_model"):
+        tep.masked(model, other)
+
+
+# ---------------------------------------------------------------------------------------- bad input
+@pytest.fixture
+def active(tokens):
+    """An active MaskedModel whose forward counts calls, to prove errors come before any forward."""
+    model = make_model("hooked-gpt2" if HAS_HOOKED else "bridge-gpt2")
+    with tep.masked(model) as mm:
+        calls = []
+        original = mm.adapter.forward
+        mm.adapter.forward = lambda *a, **k: (calls.append(1), original(*a, **k))[1]
+        yield mm, calls, tokens
+
+
+def expect_error(active, fn, match):
+    mm, calls, _ = active
+    calls.clear()
+    with pytest.raises(tep.EdgePruneError, match=match):
+        fn()
+    assert calls == [], "the error must come before any forward pass"
+
+
+def test_clean_and_corrupted_of_different_shapes(active):
+    mm, _, (clean, corrupted) = active
+    cf = mm.interchange(corrupted[:, :5])
+    expect_error(active, lambda: mm(clean, cf), r"clean batch is \[3, 7\].*corrupted batch was \[3, 5\]")
+    cf = mm.interchange(corrupted[:2])
+    expect_error(active, lambda: mm(clean, cf), "pair up one to one")
+
+
+def test_bad_masks(active):
+    mm, _, (clean, corrupted) = active
+    cf = mm.interchange(corrupted)
+    g = mm.graph
+    expect_error(active, lambda: mm(clean, cf, torch.ones(3, 3)), r"shape \[3, 3\].*graph.ones\(\)")
+    expect_error(active, lambda: mm(clean, cf, g.ones().long()), "float .* or bool")
+    expect_error(active, lambda: mm(clean, cf, g.ones().to("meta")), "is on meta")
+    expect_error(active, lambda: mm(clean, cf, g.ones(), torch.ones(2)), r"node_mask has shape \[2\]")
+    expect_error(active, lambda: mm(clean, cf, g.ones().numpy()), "must be a torch tensor")
+
+
+def test_bad_tokens(active):
+    mm, _, (clean, corrupted) = active
+    cf = mm.interchange(corrupted)
+    expect_error(active, lambda: mm("hello", cf), "not text")
+    expect_error(active, lambda: mm(clean.float(), cf), "integer tensor")
+    expect_error(active, lambda: mm(clean[0], cf), r"\[batch, pos\]")
+    expect_error(active, lambda: mm(clean + 1000, cf), "outside the vocabulary")
+    expect_error(active, lambda: mm(torch.zeros(1, 99, dtype=torch.long), mm.zero()), "n_ctx")
+    expect_error(active, lambda: mm(clean, "corrupted"), "mm.interchange")
+    expect_error(active, lambda: mm(clean, cf, attention_mask=torch.ones(2, 2)), "attention_mask")
+
+
+def test_mean_ablation_of_the_wrong_width(active):
+    mm, _, (clean, corrupted) = active
+    cf = mm.mean(torch.randint(0, 30, (5, 4)), per_position=True)
+    expect_error(active, lambda: mm(clean, cf), "mean-ablation dataset has width 4 .* per_position=False")
+    expect_error(active, lambda: mm.mean(torch.zeros(0, 7, dtype=torch.long)), "empty")
+    expect_error(
+        active,
+        lambda: mm.mean([torch.zeros(2, 7, dtype=torch.long), torch.zeros(2, 5, dtype=torch.long)]),
+        "widths 7 and 5",
+    )
+    with pytest.raises(tep.EdgePruneError, match="d_model"):
+        tep.Counterfactual("mean", torch.zeros(mm.graph.n_writers, 1, 1, 5), mm.graph.n_writers, 32)
+    # Means over all positions broadcast to any width.
+    flat = mm.mean(torch.randint(0, 30, (5, 4)), per_position=False)
+    assert flat.values.shape == (mm.graph.n_writers, 1, 1, mm.graph.spec.d_model)
+    assert mm(clean, flat, mm.graph.zeros()).shape == (3, 7, mm.model.cfg.d_vocab)
+
+
+def test_use_outside_the_context_is_an_error(tokens):
+    model = make_model("hooked-gpt2" if HAS_HOOKED else "bridge-gpt2")
+    mm = tep.masked(model)
+    with pytest.raises(tep.EdgePruneError, match="inside `with"):
+        mm(tokens[0], mm.zero())

@@ -1,0 +1,103 @@
+"""The hot path: writer deltas stored once, each reader group mixed by one matrix product.
+
+Every writer's ``y − ỹ`` is written into one [writer, batch·pos·d_model] buffer as its hook fires; a
+reader group (one layer's q/k/v inputs, an MLP input, the final read) then needs a single GEMM over
+the prefix of writers upstream of it. Autograd sees this through two Functions: ``write`` returns a
+scalar token that links the writer into the graph, and ``mix`` takes the tokens of the rows it reads,
+so the autograd engine runs every reader's backward before its writers'. Gradients w.r.t. the deltas
+are accumulated in place into one buffer of the same size, instead of one temporary per edge group.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch.autograd import Function
+
+
+class DeltaBuffer:
+    """``y − ỹ`` of every writer in one forward (and, during backward, its gradient)."""
+
+    def __init__(self, n_writers: int, shape: Sequence[int], dtype: torch.dtype, device: torch.device):
+        self.shape = tuple(shape)  # (batch, pos, d_model)
+        self.values = torch.empty((n_writers, *self.shape), dtype=dtype, device=device)
+        self.grad: torch.Tensor | None = None
+        self.grad_rows_filled = 0  # rows [0, filled) of grad hold sums; the rest is uninitialised
+        self.written = [False] * n_writers
+
+    def rows(self, stop: int) -> torch.Tensor:
+        return self.values[:stop].view(stop, -1)
+
+    def accumulate_grad(self, stop: int, coef_parts: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> None:
+        """grad[:stop] += Σ_parts coef·g, assigning (not adding to zeros) rows no reader has reached yet."""
+        if self.grad is None:
+            self.grad = torch.empty_like(self.values)
+        rows = self.grad[:stop].view(stop, -1)
+        filled = self.grad_rows_filled
+        for i, (c, g) in enumerate(zip(coef_parts, grads)):
+            if i == 0 and filled < stop:
+                if filled:
+                    rows[:filled].addmm_(c[:filled], g)
+                torch.mm(c[filled:stop], g, out=rows[filled:stop])
+            else:
+                rows.addmm_(c, g)
+        self.grad_rows_filled = max(filled, stop)
+
+
+class _Write(Function):
+    @staticmethod
+    def forward(ctx, y, counterfactual, buffer: DeltaBuffer, start: int, stop: int):
+        target = buffer.values[start:stop]
+        if counterfactual is None:
+            target.copy_(y)
+        else:
+            torch.sub(y, counterfactual, out=target)
+        ctx.buffer, ctx.start, ctx.stop = buffer, start, stop
+        return y.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, _token_grad):
+        buffer = ctx.buffer
+        if buffer.grad is None or buffer.grad_rows_filled < ctx.stop:  # no reader sent gradients here
+            return None, None, None, None, None
+        return buffer.grad[ctx.start : ctx.stop], None, None, None, None
+
+
+class _Mix(Function):
+    @staticmethod
+    def forward(ctx, coef, buffer: DeltaBuffer, n_writers: int, split_sizes: tuple[int, ...], *tokens):
+        deltas = buffer.rows(n_writers)
+        parts = tuple(c.t().mm(deltas).view(c.shape[1], *buffer.shape) for c in coef.split(split_sizes, dim=1))
+        ctx.save_for_backward(coef)
+        ctx.buffer, ctx.n_writers, ctx.split_sizes = buffer, n_writers, split_sizes
+        ctx.n_tokens = len(tokens)
+        return parts
+
+    @staticmethod
+    def backward(ctx, *part_grads):
+        (coef,) = ctx.saved_tensors
+        buffer, n = ctx.buffer, ctx.n_writers
+        deltas = buffer.rows(n)
+        coef_parts = coef.split(ctx.split_sizes, dim=1)
+        grads = [g.reshape(g.shape[0], -1) for g in part_grads]
+        grad_coef = None
+        if ctx.needs_input_grad[0]:
+            grad_coef = torch.cat([deltas.mm(g.t()) for g in grads], dim=1)
+        if any(ctx.needs_input_grad[4:]):
+            buffer.accumulate_grad(n, coef_parts, grads)
+        token_grads = tuple(coef.new_zeros(()) for _ in range(ctx.n_tokens))
+        return (grad_coef, None, None, None, *token_grads)
+
+
+def write(y: torch.Tensor, counterfactual: torch.Tensor | None, buffer: DeltaBuffer, start: int, stop: int):
+    """Store ``y − ỹ`` for writers [start, stop); returns the token that carries their gradient."""
+    buffer.written[start:stop] = [True] * (stop - start)
+    return _Write.apply(y, counterfactual, buffer, start, stop)
+
+
+def mix(
+    coef: torch.Tensor, buffer: DeltaBuffer, n_writers: int, split_sizes: tuple[int, ...], tokens: list[torch.Tensor]
+) -> tuple[torch.Tensor, ...]:
+    """``Σ_j coef[j, r]·delta_j`` for the first n_writers rows: one [reader, batch, pos, d_model] per split."""
+    return _Mix.apply(coef, buffer, n_writers, tuple(split_sizes), *tokens)

@@ -1,19 +1,32 @@
 """tl_edgeprune: circuits in TransformerLens models by Edge Pruning, on one masked-forward engine."""
 
+from .circuit import Circuit
 from .counterfactual import Counterfactual
+from .data import PairedData, paired_data
+from .edge_pruning import EdgePruningConfig, EdgePruningResult, edge_pruning
 from .engine import MaskedModel, masked
 from .errors import EdgePruneError, HookFiringError, UnsupportedModelError
 from .graph import Graph, GraphSpec, edge_mask_from_names
+from .hard_concrete import HardConcrete
+from .tracr_models import load_tracr
 
 __all__ = [
+    "Circuit",
     "Counterfactual",
     "EdgePruneError",
+    "EdgePruningConfig",
+    "EdgePruningResult",
     "Graph",
     "GraphSpec",
+    "HardConcrete",
     "HookFiringError",
     "MaskedModel",
+    "PairedData",
     "UnsupportedModelError",
     "edge_mask_from_names",
+    "edge_pruning",
+    "load_tracr",
     "masked",
+    "paired_data",
 ]
 __version__ = "0.1.0"

@@ -42,8 +42,10 @@ class ModelAdapter:
     FLAGS = ("use_split_qkv_input", "use_hook_mlp_in", "use_attn_result")
 
     def __init__(self, model: Any):
+        from .toy_transformer import ToyTransformer
+
         hooked, bridge = hooked_transformer_class(), transformer_bridge_class()
-        if hooked is not None and isinstance(model, hooked):
+        if (hooked is not None and isinstance(model, hooked)) or isinstance(model, ToyTransformer):
             self.kind = "hooked"
         elif bridge is not None and isinstance(model, bridge):
             self.kind = "bridge"

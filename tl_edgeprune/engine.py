@@ -39,6 +39,7 @@ class _Run:
         self.mixes: dict[int, tuple[torch.Tensor, ...]] = {}
         self.fired: Counter = Counter()
         self.reader_inputs: dict[int, torch.Tensor] | None = {} if capture_readers else None
+        self.fixed_deltas = False  # deltas given from outside: writers are not re-read (EAP-IG)
 
 
 class MaskedModel:
@@ -113,8 +114,13 @@ class MaskedModel:
         edge_mask: Float[torch.Tensor, "writer reader"] | None = None,
         node_mask: Float[torch.Tensor, " writer"] | None = None,
         attention_mask: Int[torch.Tensor, "batch pos"] | None = None,
+        fixed_deltas: Float[torch.Tensor, "writer batch pos d_model"] | None = None,
     ) -> Float[torch.Tensor, "batch pos vocab"]:
-        """Logits of the masked forward. Masks: float (gradients flow) or bool; None means all ones."""
+        """Logits of the masked forward. Masks: float (gradients flow) or bool; None means all ones.
+
+        ``fixed_deltas`` replaces ``y − ỹ`` by given values (no gradient through them): the mask gradient is
+        then ``fixed_delta · ∂metric/∂reader_in`` whatever the input, which is what EAP-IG averages.
+        """
         self._require_active()
         tokens = self._check_tokens(tokens, "tokens")
         attention_mask = self._check_attention_mask(attention_mask, tokens)
@@ -134,6 +140,12 @@ class MaskedModel:
         if cf is not None:
             cf = cf.to(device=self.device, dtype=removal.dtype)
         run = _Run("mix", len(self.graph.writer_chunks), removal=removal, cf_values=cf)
+        if fixed_deltas is not None:
+            expected = (self.graph.n_writers, *tokens.shape, self.graph.spec.d_model)
+            if tuple(fixed_deltas.shape) != expected:
+                raise EdgePruneError(f"fixed_deltas must have shape {list(expected)}, got {list(fixed_deltas.shape)}")
+            run.buffer = DeltaBuffer.fixed(fixed_deltas.detach().to(device=self.device, dtype=removal.dtype))
+            run.fixed_deltas = True
         return self._execute(run, tokens, attention_mask)
 
     def interchange(
@@ -305,6 +317,8 @@ class MaskedModel:
                 y = torch.einsum("bphe,hed->hbpd", activation, W_O)
             else:
                 y = activation.unsqueeze(0)
+            if run.fixed_deltas:
+                return None
             if run.buffer is None:
                 run.buffer = DeltaBuffer(self.graph.n_writers, y.shape[1:], y.dtype, y.device)
             cf = None
@@ -346,7 +360,7 @@ class MaskedModel:
         """
         tokens = []
         for ci, chunk in enumerate(self.graph.writer_chunks):
-            if chunk.start >= group.n_writers:
+            if chunk.start >= group.n_writers or run.fixed_deltas:
                 break
             if run.tokens[ci] is None:
                 raise HookFiringError(

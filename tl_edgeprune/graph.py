@@ -244,6 +244,20 @@ class Graph:
             kv = f"a{layer}.kv{head // (spec.n_heads // spec.n_kv_heads)}"
         return [self.reader_index(f"a{layer}.h{head}<q>"), self.reader_index(f"{kv}<k>"), self.reader_index(f"{kv}<v>")]
 
+    def reader_targets(self, reader: int) -> list[int]:
+        """Writer rows fed by a reader column: a head (q), every head of a KV group (k/v), an MLP; [] for logits."""
+        name = self.readers[reader]
+        if name == "logits":
+            return []
+        if name.startswith("m"):
+            return [self.writer_index(name)]
+        m = re.fullmatch(r"a(\d+)\.(h|kv)(\d+)<([qkv])>", name)
+        layer, kind, index = int(m.group(1)), m.group(2), int(m.group(3))
+        if kind == "h":
+            return [self.writer_index(f"a{layer}.h{index}")]
+        per_group = self.spec.n_heads // self.spec.n_kv_heads
+        return [self.writer_index(f"a{layer}.h{h}") for h in range(index * per_group, (index + 1) * per_group)]
+
     def compatible_with(self, other: "Graph") -> bool:
         return self.spec == other.spec and self.input_nodes == other.input_nodes
 

@@ -26,6 +26,16 @@ class DeltaBuffer:
         self.grad_rows_filled = 0  # rows [0, filled) of grad hold sums; the rest is uninitialised
         self.written = [False] * n_writers
 
+    @classmethod
+    def fixed(cls, values: torch.Tensor) -> "DeltaBuffer":
+        """A buffer holding given deltas (e.g. clean − corrupted for EAP-IG), not recomputed in the forward."""
+        buffer = cls.__new__(cls)
+        buffer.shape = tuple(values.shape[1:])
+        buffer.values = values.contiguous()
+        buffer.grad, buffer.grad_rows_filled = None, 0
+        buffer.written = [True] * values.shape[0]
+        return buffer
+
     def rows(self, stop: int) -> torch.Tensor:
         return self.values[:stop].view(stop, -1)
 

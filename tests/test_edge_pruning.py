@@ -1,0 +1,136 @@
+"""Edge Pruning's pieces: hard-concrete gates, the loop, checkpoints, the read-out and bad input."""
+
+import math
+import os  # noqa: F401
+
+import pytest
+import torch
+
+import tl_edgeprune as tep
+from tl_edgeprune.circuit import binary_search_threshold
+from tl_edgeprune.edge_pruning import lr_factor
+from tl_edgeprune.hard_concrete import BETA, LEFT, RIGHT
+
+from .conftest import HAS_HOOKED, make_model
+
+
+def small_problem(n=24, seq=6, seed=0):
+    model = make_model("hooked-gpt2" if HAS_HOOKED else "bridge-gpt2")
+    gen = torch.Generator().manual_seed(seed)
+    clean = torch.randint(0, 39, (n, seq), generator=gen)
+    corrupted = torch.randint(0, 39, (n, seq), generator=gen)
+    return model, tep.paired_data(clean, corrupted, positions="last")
+
+
+def test_hard_concrete_matches_its_definition():
+    gate = tep.HardConcrete((4000,), torch.Generator().manual_seed(0))
+    la = gate.log_alpha.detach()
+    assert abs(float(la.mean()) - 10) < 0.01 and abs(float(la.std()) - 0.01) < 0.002
+    with torch.no_grad():
+        gate.log_alpha.fill_(0.3)
+    z = gate.sample(torch.Generator().manual_seed(1))
+    assert z.min() >= 0 and z.max() <= 1
+    # P(z = 0) from samples agrees with the closed form 1 − σ(log α − β log(−l/r)).
+    p0 = 1 - torch.sigmoid(torch.tensor(0.3 - BETA * math.log(-LEFT / RIGHT)))
+    assert abs(float((z == 0).float().mean()) - float(p0)) < 0.03
+    det = gate.deterministic()
+    assert int((det == 0).sum()) == round(float(4000 * p0))
+
+
+def test_binary_search_threshold_keeps_the_soft_mass():
+    graph = tep.Graph.from_spec(tep.GraphSpec(1, 1, 1, 4), "merged")
+    assert graph.n_edges == 8
+    values = torch.tensor([0.9, 0.8, 0.1, 0.6, 0.05, 0.0, 0.3, 0.2])  # Σ = 2.95: 3 edges
+    soft = torch.zeros(graph.shape)
+    soft[graph.valid_mask()] = values
+    kept = soft.double() >= binary_search_threshold(soft.double(), graph.valid_mask())
+    assert int(kept.sum()) == 3 == round(float(values.sum()))
+    assert tep.Circuit.from_soft_mask(graph, soft).n_edges == 3
+    assert sorted(soft[kept].tolist()) == pytest.approx([0.6, 0.8, 0.9])
+
+
+def test_lr_schedule():
+    assert lr_factor(0, 10, 100) == 0.1 and lr_factor(9, 10, 100) == 1.0
+    assert lr_factor(55, 10, 100) == pytest.approx(0.5) and lr_factor(99, 10, 100) == pytest.approx(1 / 90)
+
+
+def test_training_reduces_edges_and_history_is_recorded():
+    model, data = small_problem()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    grads = [p.requires_grad for p in model.parameters()]
+    res = tep.edge_pruning(model, data, 0.6, steps=60, sparsity_warmup=30, lr_warmup=5, batch_size=8,
+                           sparsity_from="expected", progress=False)
+    assert len(res.history["sparsity"]) == 60 and res.history["target"][-1] == pytest.approx(0.6)
+    circuit = res.circuit()
+    assert 0 < circuit.n_edges < circuit.graph.n_edges
+    assert res.history["sparsity"][-1] > 0.3
+    # The model's weights and requires_grad flags are untouched.
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert [p.requires_grad for p in model.parameters()] == grads
+
+
+def test_checkpoint_resume_gives_identical_masks(tmp_path):
+    model, data = small_problem()
+    opts = dict(steps=40, sparsity_warmup=20, lr_warmup=4, batch_size=8, progress=False, seed=3)
+    straight = tep.edge_pruning(model, data, 0.5, **opts)
+    path = str(tmp_path / "ck.pt")
+    # Stop early by running a shorter job that checkpoints every 10 steps, then resume the full one.
+    with pytest.raises(KeyboardInterrupt):
+        def stop(step, row):
+            if step == 24:
+                raise KeyboardInterrupt
+        tep.edge_pruning(model, data, 0.5, checkpoint_path=path, checkpoint_every=10, callback=stop, **opts)
+    assert torch.load(path, weights_only=False)["step"] == 20
+    resumed = tep.edge_pruning(model, data, 0.5, checkpoint_path=path, checkpoint_every=10, resume=True, **opts)
+    assert torch.equal(straight.edge_log_alpha, resumed.edge_log_alpha)
+    assert torch.equal(straight.node_log_alpha, resumed.node_log_alpha)
+    assert straight.history == resumed.history
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp")]  # nothing half-written
+
+
+def test_resume_with_other_settings_is_refused(tmp_path):
+    model, data = small_problem()
+    path = str(tmp_path / "ck.pt")
+    tep.edge_pruning(model, data, 0.5, steps=4, batch_size=8, checkpoint_path=path, checkpoint_every=2, progress=False)
+    with pytest.raises(tep.EdgePruneError, match="other settings"):
+        tep.edge_pruning(model, data, 0.7, steps=4, batch_size=8, checkpoint_path=path, resume=True, progress=False)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(target_sparsity=0.0), r"\(0, 2\]"),
+    (dict(target_sparsity=2.5), r"\(0, 2\]"),
+    (dict(steps=0), "steps"),
+    (dict(checkpoint_every=5), "checkpoint_path"),
+    (dict(objective="cross_entropy"), "objective"),
+    (dict(sparsity_from="l1"), "sparsity_from"),
+])
+def test_bad_settings(bad, match):
+    model, data = small_problem()
+    kw = dict(target_sparsity=0.5, steps=2, progress=False) | bad
+    with pytest.raises(tep.EdgePruneError, match=match):
+        tep.edge_pruning(model, data, **kw)
+
+
+def test_bad_data():
+    model, data = small_problem()
+    with pytest.raises(tep.EdgePruneError, match="empty"):
+        tep.paired_data(torch.zeros(0, 5, dtype=torch.long), torch.zeros(0, 5, dtype=torch.long))
+    mask = torch.ones(4, 5, dtype=torch.long)
+    mask[2, 1:] = 0
+    with pytest.raises(tep.EdgePruneError, match=r"examples \[2\] have no valid position"):
+        tep.paired_data(torch.zeros(4, 5, dtype=torch.long), torch.zeros(4, 5, dtype=torch.long),
+                        positions=torch.tensor([4, 4, 4, 4]), attention_mask=mask)
+    with pytest.raises(tep.EdgePruneError, match="PairedData"):
+        tep.edge_pruning(model, (data.clean, data.corrupted), 0.5, steps=2, progress=False)
+
+
+def test_nan_loss_stops_with_a_checkpoint(tmp_path):
+    model, data = small_problem()
+    path = str(tmp_path / "nan.pt")
+
+    def nan_objective(circuit_logits, full_logits, batch):
+        return circuit_logits.sum() * float("nan")
+
+    with pytest.raises(tep.EdgePruneError, match="became nan at step 0.*saved at"):
+        tep.edge_pruning(model, data, 0.5, steps=5, objective=nan_objective, checkpoint_path=path, progress=False)
+    assert torch.load(path, weights_only=False)["step"] == 0

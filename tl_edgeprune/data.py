@@ -1,0 +1,150 @@
+"""Paired clean/corrupted data: the one input format every method takes.
+
+Token ids (right-padded with an attention mask, or of equal length), the positions the objective
+scores, and optionally answer/distractor ids and a token subset for the metrics.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Iterator, Union
+
+import torch
+from jaxtyping import Bool, Int
+
+from .errors import EdgePruneError
+
+Positions = Union[str, torch.Tensor]
+
+
+@dataclass
+class PairedData:
+    clean: Int[torch.Tensor, "n pos"]
+    corrupted: Int[torch.Tensor, "n pos"]
+    positions: Bool[torch.Tensor, "n pos"]
+    attention_mask: Int[torch.Tensor, "n pos"] | None = None
+    answers: Int[torch.Tensor, " n"] | None = None
+    distractors: Int[torch.Tensor, " n"] | None = None
+    token_subset: Int[torch.Tensor, " k"] | None = None
+
+    def __len__(self) -> int:
+        return int(self.clean.shape[0])
+
+    def select(self, index: torch.Tensor | slice) -> "PairedData":
+        """Rows of the dataset (token_subset is shared)."""
+        kw = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            kw[f.name] = value if (value is None or f.name == "token_subset") else value[index]
+        return PairedData(**kw)
+
+    def to(self, device) -> "PairedData":
+        return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self) if getattr(self, f.name) is not None})
+
+    def batches(self, batch_size: int, shuffle_seed: int | None = None) -> Iterator["PairedData"]:
+        """One epoch of batches; shuffled deterministically from the seed when one is given."""
+        n = len(self)
+        order = torch.arange(n)
+        if shuffle_seed is not None:
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(shuffle_seed))
+        for start in range(0, n, batch_size):
+            yield self.select(order[start : start + batch_size])
+
+
+@dataclass
+class ShardedData:
+    """Several PairedData of different widths (e.g. Tracr inputs of every length): batches never mix
+    widths, so no padding is needed (TransformerLens ignores padding masks in bidirectional attention)."""
+
+    shards: list[PairedData]
+
+    def __post_init__(self) -> None:
+        if not self.shards or not all(isinstance(s, PairedData) for s in self.shards):
+            raise EdgePruneError("ShardedData needs a non-empty list of PairedData")
+
+    def __len__(self) -> int:
+        return sum(len(s) for s in self.shards)
+
+    @property
+    def corrupted_batches(self) -> list[torch.Tensor]:
+        return [s.corrupted for s in self.shards]
+
+    def to(self, device) -> "ShardedData":
+        return ShardedData([s.to(device) for s in self.shards])
+
+    def batches(self, batch_size: int, shuffle_seed: int | None = None) -> Iterator[PairedData]:
+        """Batches of each shard; with a seed, shuffled within shards and in their order across shards."""
+        seeds = [None if shuffle_seed is None else shuffle_seed * 7919 + i for i in range(len(self.shards))]
+        batches = [b for shard, seed in zip(self.shards, seeds) for b in shard.batches(batch_size, seed)]
+        if shuffle_seed is not None:
+            order = torch.randperm(len(batches), generator=torch.Generator().manual_seed(shuffle_seed))
+            batches = [batches[i] for i in order]
+        yield from batches
+
+
+def paired_data(
+    clean: torch.Tensor,
+    corrupted: torch.Tensor,
+    positions: Positions = "last",
+    attention_mask: torch.Tensor | None = None,
+    answers: torch.Tensor | None = None,
+    distractors: torch.Tensor | None = None,
+    token_subset: torch.Tensor | list[int] | None = None,
+) -> PairedData:
+    """Validate and bundle a dataset. ``positions``: "last" (last real token), "all" (every real token but
+    the first, i.e. BOS), "all_with_bos", a LongTensor [n] of per-example positions, or a bool mask [n, pos]."""
+    for name, t in (("clean", clean), ("corrupted", corrupted)):
+        if not isinstance(t, torch.Tensor) or t.dtype not in (torch.int64, torch.int32) or t.dim() != 2:
+            raise EdgePruneError(f"{name} must be token ids of shape [n, pos] (LongTensor), got {_describe(t)}")
+    if len(clean) == 0:
+        raise EdgePruneError("the dataset is empty: no clean/corrupted pairs")
+    if clean.shape != corrupted.shape:
+        raise EdgePruneError(
+            f"clean {list(clean.shape)} and corrupted {list(corrupted.shape)} token tensors differ in shape; "
+            "pair them one to one and pad to the same length (pass attention_mask)"
+        )
+    if attention_mask is not None and attention_mask.shape != clean.shape:
+        raise EdgePruneError(f"attention_mask {list(attention_mask.shape)} must match the tokens {list(clean.shape)}")
+    n, width = clean.shape
+    real = torch.ones_like(clean, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    if isinstance(positions, str):
+        if positions == "last":
+            last = real.long().cumsum(1).argmax(1)
+            mask = torch.zeros_like(real)
+            mask[torch.arange(n), last] = True
+        elif positions == "all":
+            mask = real.clone()
+            mask[:, 0] = False
+        elif positions == "all_with_bos":
+            mask = real.clone()
+        else:
+            raise EdgePruneError(f"positions must be 'last', 'all', 'all_with_bos' or a tensor, got {positions!r}")
+    elif isinstance(positions, torch.Tensor) and positions.dtype == torch.bool:
+        if positions.shape != clean.shape:
+            raise EdgePruneError(f"a boolean positions mask must be [n, pos] = {list(clean.shape)}, got {list(positions.shape)}")
+        mask = positions.clone()
+    elif isinstance(positions, torch.Tensor) and positions.dim() == 1 and positions.shape[0] == n:
+        if int(positions.min()) < 0 or int(positions.max()) >= width:
+            raise EdgePruneError(f"answer positions must lie in [0, {width}), got [{int(positions.min())}, {int(positions.max())}]")
+        mask = torch.zeros_like(real)
+        mask[torch.arange(n), positions.long()] = True
+    else:
+        raise EdgePruneError(f"positions: expected a string, a LongTensor [{n}] or a bool mask [{n}, {width}], got {_describe(positions)}")
+    mask = mask & real
+    empty = (~mask.any(1)).nonzero().flatten()
+    if len(empty):
+        raise EdgePruneError(
+            f"examples {empty[:5].tolist()} have no valid position to score (positions outside the attention mask?)"
+        )
+    for name, t in (("answers", answers), ("distractors", distractors)):
+        if t is not None and (t.dim() != 1 or t.shape[0] != n):
+            raise EdgePruneError(f"{name} must be one token id per example, shape [{n}], got {_describe(t)}")
+    if token_subset is not None:
+        token_subset = torch.as_tensor(token_subset, dtype=torch.long)
+    return PairedData(clean.long(), corrupted.long(), mask, attention_mask, answers, distractors, token_subset)
+
+
+def _describe(x) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"tensor {x.dtype} {list(x.shape)}"
+    return type(x).__name__

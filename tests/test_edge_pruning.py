@@ -62,8 +62,9 @@ def test_training_reduces_edges_and_history_is_recorded():
                            sparsity_from="expected", progress=False)
     assert len(res.history["sparsity"]) == 60 and res.history["target"][-1] == pytest.approx(0.6)
     circuit = res.circuit()
-    assert 0 < circuit.n_edges < circuit.graph.n_edges
-    assert res.history["sparsity"][-1] > 0.3
+    # A random model's KL barely resists, so the sparsity term drives this run: it must have pruned.
+    assert circuit.n_edges < 0.7 * circuit.graph.n_edges
+    assert res.history["sparsity"][0] < 0.01 and res.history["sparsity"][-1] > 0.3
     # The model's weights and requires_grad flags are untouched.
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     assert [p.requires_grad for p in model.parameters()] == grads

@@ -13,7 +13,12 @@ from dataclasses import dataclass
 import einops
 import torch
 from torch import nn
-from transformer_lens.hook_points import HookedRootModule, HookPoint
+from transformer_lens.hook_points import HookPoint
+
+try:  # transformer-lens 4 exports it at top level only; 2.x/3.x from hook_points
+    from transformer_lens import HookedRootModule
+except ImportError:  # pragma: no cover - depends on the installed version
+    from transformer_lens.hook_points import HookedRootModule
 
 
 @dataclass

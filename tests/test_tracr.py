@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import tl_edgeprune as tep
-from tl_edgeprune.tracr_models import CANONICAL_CIRCUITS, TASKS, XPROPORTION_FUNCTIONAL, load_tracr
+from tl_edgeprune.tracr_models import CANONICAL_CIRCUITS, EDGE_PRUNING_SETTINGS, TASKS, XPROPORTION_FUNCTIONAL, load_tracr
 
 from .conftest import HAS_HOOKED
 from .reference import patch_one_edge, writer_cache_names, writer_output
@@ -103,19 +103,14 @@ def test_recompiled_tracr_matches_shipped_weights_and_tracr_itself(name):
                 assert ours[1:].argmax(-1).tolist() == theirs[1:].tolist()
 
 
-# Settings for the xproportion recovery (see docs/method.md). The reference's Tracr settings
-# were tuned for its sampled-z sparsity; with the expected-L0 estimator these are what work (see the note).
-XPROPORTION_SETTINGS = dict(target_sparsity=0.92, steps=1500, sparsity_warmup=1200, lr_warmup=100, lr=0.1,
-                            lambda_lr=0.01, batch_size=16, ablation="zero", objective="mse", progress=False)
-
-
 # The reverse recovery (REVERSE_SETTINGS, seed 0) runs as the README's "Find a circuit" example: test_readme.py.
 
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_edge_pruning_recovers_xproportion(seed):
     task = load_tracr("xproportion")
-    circuit = tep.edge_pruning(task.model, task.data(), seed=seed, **XPROPORTION_SETTINGS).circuit()
+    settings = {**EDGE_PRUNING_SETTINGS["xproportion"], "seed": seed}
+    circuit = tep.edge_pruning(task.model, task.data(), progress=False, **settings).circuit()
     edges = set(circuit.edge_names())
     assert set(XPROPORTION_FUNCTIONAL) <= edges <= set(CANONICAL_CIRCUITS["xproportion"])
     assert circuit.evaluate(task.model, task.data(), ablation="zero")["mse"] < 1e-8

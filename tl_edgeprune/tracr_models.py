@@ -36,6 +36,14 @@ CANONICAL_CIRCUITS = {
         "tok->m0", "m0->a1.h0<v>", "pos->a1.h0<q>", "pos->a1.h0<k>", "a1.h0->logits", "tok->a1.h0<q>", "tok->a1.h0<k>",
     ],
 }
+# Edge Pruning settings that recover the ground truth here (zero ablation, every input); see docs/method.md.
+EDGE_PRUNING_SETTINGS = {
+    "reverse": dict(target_sparsity=1.02, steps=6000, sparsity_warmup=5900, lr_warmup=1500, lr=0.03,
+                    lambda_lr=0.001, batch_size=16, ablation="zero", objective="kl", seed=0),
+    "xproportion": dict(target_sparsity=0.92, steps=1500, sparsity_warmup=1200, lr_warmup=100, lr=0.1,
+                        lambda_lr=0.01, batch_size=16, ablation="zero", objective="mse", seed=0),
+}
+
 # The edges xproportion needs to compute its output; the other two carry only tracr's BOS default.
 XPROPORTION_FUNCTIONAL = ["tok->m0", "m0->a1.h0<v>", "pos->a1.h0<q>", "pos->a1.h0<k>", "a1.h0->logits"]
 

@@ -1,0 +1,113 @@
+"""Plots (plotly figures, HTML), the CLI demo, and the report as a browser renders it."""
+
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+
+import plotly.graph_objects as go
+import pytest
+import torch
+
+import tl_edgeprune as tep
+from tl_edgeprune import plots
+from tl_edgeprune.cli import main
+from tl_edgeprune.eap import eap
+from tl_edgeprune.selection import faithfulness_curve
+from tl_edgeprune.tracr_models import load_tracr
+
+
+@pytest.fixture(scope="module")
+def reverse():
+    task = load_tracr("reverse")
+    return task, tep.Circuit.from_names(tep.Graph.from_model(task.model), task.canonical_circuit, method="canonical")
+
+
+def hover_edges(fig):
+    return {line.split("<br>")[0] for t in fig.data if t.text is not None and t.hoverinfo == "text"
+            for line in t.text if "->" in line}
+
+
+def test_circuit_plot_shows_every_edge_with_hover(reverse):
+    task, circuit = reverse
+    fig = plots.plot_circuit(circuit)
+    assert isinstance(fig, go.Figure)
+    assert hover_edges(fig) == set(circuit.edge_names())
+    kinds = {t.name for t in fig.data if t.mode == "lines"}
+    assert {"q", "k", "v", "mlp", "logits"} <= kinds
+    nodes = next(t for t in fig.data if t.name == "nodes")
+    assert "logits" in nodes.text and "a3.h0" in nodes.text
+
+
+def test_dangling_edges_are_dimmed_or_dropped(reverse):
+    task, circuit = reverse
+    extra = tep.Circuit.from_names(circuit.graph, task.canonical_circuit + ["tok->a1.h0<q>"])  # a1.h0 reaches nothing
+    dimmed = plots.plot_circuit(extra)
+    assert any(t.name.endswith("(dangling)") and t.opacity < 0.5 for t in dimmed.data if t.mode == "lines")
+    dropped = plots.plot_circuit(extra, show_dangling=False)
+    assert hover_edges(dropped) == set(task.canonical_circuit)
+
+
+def test_large_circuits_stay_one_trace_per_kind():
+    graph = tep.Graph.from_spec(tep.GraphSpec(12, 12, 12, 768))
+    scores = torch.rand(graph.shape, generator=torch.Generator().manual_seed(0))
+    circuit = tep.Circuit.top_k(graph, scores, k=2000)
+    fig = plots.plot_circuit(circuit)
+    assert len(fig.data) <= 2 * 10 + 1 and len(hover_edges(fig)) == 2000
+
+
+def test_curves_history_overlap_and_saving(reverse, tmp_path):
+    task, circuit = reverse
+    data = task.data()
+    scores = eap(task.model, data, ablation="zero", progress=False)
+    curve = faithfulness_curve(task.model, data, scores, [3, 11, 40, 94], ablation="zero")
+    fig = plots.plot_curves([curve])
+    assert list(fig.data[0].x) == [100 * f for f in curve.fractions]
+    result = tep.edge_pruning(task.model, data, 0.5, steps=5, batch_size=64, ablation="zero", progress=False)
+    assert len(plots.plot_history(result).data) == 3
+    other = scores.circuit(k=11)
+    overlap = plots.plot_overlap(circuit, other, ("canonical", "eap"))
+    both = len(set(circuit.edge_names()) & set(other.edge_names()))
+    assert f"both ({both})" in [t.name for t in overlap.data]
+    path = plots.save(fig, str(tmp_path / "curve.html"))
+    assert "plotly" in open(path).read()[:5000].lower()
+    with pytest.raises(tep.EdgePruneError, match=".html or .png"):
+        plots.save(fig, str(tmp_path / "curve.svgz"))
+
+
+def test_cli_demo_writes_table_and_report(tmp_path, capsys):
+    out = str(tmp_path / "demo")
+    assert main(["demo", "--steps", "40", "--no-progress", "--out", out]) == 0
+    printed = capsys.readouterr().out
+    assert re.search(r"^acdc\s+11\s", printed, flags=re.M) and "edge_pruning" in printed and "eap" in printed
+    report = open(os.path.join(out, "report.html")).read()
+    assert "tl_edgeprune demo: Tracr reverse" in report and report.count("class='figure'") >= 5
+    with pytest.raises(SystemExit):
+        main(["demo", "--methods", "magic"])
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROME_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--virtual-time-budget=8000"]
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (CI installs it: apt-get install chromium)")
+def test_report_renders_in_headless_chromium(tmp_path):
+    from PIL import Image
+
+    out = str(tmp_path / "demo")
+    main(["demo", "--steps", "40", "--methods", "edge_pruning,acdc", "--no-progress", "--out", out])
+    url = "file://" + os.path.join(out, "report.html")
+    profile = tempfile.mkdtemp()
+    dom = subprocess.run([CHROMIUM, *CHROME_FLAGS, f"--user-data-dir={profile}", "--dump-dom", url],
+                         capture_output=True, text=True, timeout=120).stdout
+    rendered = set(re.findall(r'<g class="textpoint"[^>]*><text[^>]*>([^<]+)</text>', dom))
+    assert {"tok", "pos", "a0.h0", "a3.h0", "m2", "logits"} <= rendered  # drawn by plotly, not just in the JSON
+    png = str(tmp_path / "shot.png")
+    subprocess.run([CHROMIUM, *CHROME_FLAGS, f"--user-data-dir={profile}", "--window-size=1200,1400",
+                    f"--screenshot={png}", url], capture_output=True, timeout=120)
+    image = Image.open(png).convert("L")
+    lo, hi = image.getextrema()
+    assert hi - lo > 100 and len(set(image.getdata())) > 20  # not blank

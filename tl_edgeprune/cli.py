@@ -1,0 +1,119 @@
+"""``tl-edgeprune demo``: Edge Pruning, EAP and ACDC on a shipped Tracr model, a table and an HTML report."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from .acdc import acdc
+from .eap import eap
+from .edge_pruning import edge_pruning
+from .hap import hap
+from .plots import plot_circuit, plot_curves, plot_history, plot_overlap
+from .selection import faithfulness_curve
+from .tracr_models import EDGE_PRUNING_SETTINGS, TASKS, load_tracr
+
+METHODS = ("edge_pruning", "eap", "acdc", "hap")
+
+
+def run_demo(task_name: str, methods: list[str], out: str, target: float | None, steps: int | None,
+             acdc_threshold: float, seed: int, progress: bool) -> list[dict]:
+    task = load_tracr(task_name)
+    data = task.data()
+    settings = {**EDGE_PRUNING_SETTINGS[task_name], "seed": seed, "progress": progress}
+    if target is not None:
+        settings["target_sparsity"] = target
+    if steps is not None:
+        settings["steps"] = steps
+        settings["sparsity_warmup"] = min(settings["sparsity_warmup"], max(1, int(steps * 0.95)))
+        settings["lr_warmup"] = min(settings["lr_warmup"], steps // 4)
+    key = "kl" if settings["objective"] == "kl" else "mse"
+    rows, circuits, figures = [], {}, []
+    ep_result = None
+    if "edge_pruning" in methods:
+        t = time.perf_counter()
+        ep_result = edge_pruning(task.model, data, **settings)
+        circuits["edge_pruning"] = (ep_result.circuit(), time.perf_counter() - t)
+    scores = None
+    if "eap" in methods:
+        t = time.perf_counter()
+        scores = eap(task.model, data, ablation="zero", progress=progress)
+        k = circuits["edge_pruning"][0].n_edges if "edge_pruning" in circuits else len(task.canonical_circuit)
+        circuits["eap"] = (scores.circuit(k=k), time.perf_counter() - t)
+    if "acdc" in methods:
+        t = time.perf_counter()
+        circuits["acdc"] = (acdc(task.model, data, acdc_threshold, metric=settings["objective"], ablation="zero",
+                                 progress=progress), time.perf_counter() - t)
+    if "hap" in methods:
+        t = time.perf_counter()
+        result = hap(task.model, data, keep=0.3, eap_options={"ablation": "zero", "progress": progress}, **settings)
+        circuits["hap"] = (result.circuit(), time.perf_counter() - t)
+    canonical = sorted(task.canonical_circuit)
+    for name, (circuit, seconds) in circuits.items():
+        metrics = circuit.evaluate(task.model, data, ablation="zero")
+        rows.append({"method": name, "edges": circuit.n_edges, key: metrics[key], "exact_match": metrics["exact_match"],
+                     "seconds": seconds, "canonical": sorted(circuit.edge_names()) == canonical})
+        figures.append(plot_circuit(circuit, title=f"{name}: {circuit.n_edges} edges"))
+    if ep_result is not None:
+        figures.append(plot_history(ep_result))
+    if scores is not None:
+        n = scores.graph.n_edges
+        sizes = sorted({1, 3, 5, 8, 11, 16, 24, 32, 48, 64, n} & set(range(n + 1)))
+        figures.append(plot_curves([faithfulness_curve(task.model, data, scores, sizes, ablation="zero")]))
+    if "edge_pruning" in circuits and "acdc" in circuits:
+        figures.append(plot_overlap(circuits["edge_pruning"][0], circuits["acdc"][0], ("edge_pruning", "acdc")))
+    os.makedirs(out, exist_ok=True)
+    write_report(os.path.join(out, "report.html"), task_name, rows, key, figures)
+    return rows
+
+
+def format_table(rows: list[dict], key: str) -> str:
+    lines = [f"{'method':<14}{'edges':>7}{key.upper():>12}{'exact match':>13}{'time (s)':>10}  canonical"]
+    for r in rows:
+        lines.append(f"{r['method']:<14}{r['edges']:>7}{r[key]:>12.3g}{r['exact_match']:>13.3f}{r['seconds']:>10.1f}  "
+                     f"{'yes' if r['canonical'] else 'no'}")
+    return "\n".join(lines)
+
+
+def write_report(path: str, task_name: str, rows: list[dict], key: str, figures: list) -> None:
+    """One self-contained HTML file (plotly.js inlined once, so it opens offline)."""
+    parts = [f.to_html(full_html=False, include_plotlyjs=(i == 0)) for i, f in enumerate(figures)]
+    table = format_table(rows, key).replace("&", "&amp;").replace("<", "&lt;")
+    html = (f"<!doctype html><html><head><meta charset='utf-8'><title>tl_edgeprune demo: {task_name}</title></head>"
+            f"<body><h1>tl_edgeprune demo: Tracr {task_name}</h1><pre id='results'>{table}</pre>"
+            + "".join(f"<div class='figure'>{p}</div>" for p in parts) + "</body></html>")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(html)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tl-edgeprune", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="run the methods on a shipped Tracr model (offline) and write a report")
+    demo.add_argument("--task", choices=sorted(TASKS), default="reverse")
+    demo.add_argument("--methods", default="edge_pruning,eap,acdc", help=f"comma-separated, of {','.join(METHODS)}")
+    demo.add_argument("--target", type=float, help="Edge Pruning target sparsity (default: the task's setting)")
+    demo.add_argument("--steps", type=int, help="Edge Pruning steps (default: the task's setting)")
+    demo.add_argument("--acdc-threshold", type=float, default=0.01)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--out", default="tl_edgeprune_demo", help="output folder for report.html")
+    demo.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown or not methods:
+        parser.error(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+    rows = run_demo(args.task, methods, args.out, args.target, args.steps, args.acdc_threshold, args.seed,
+                    progress=not args.no_progress)
+    key = "kl" if EDGE_PRUNING_SETTINGS[args.task]["objective"] == "kl" else "mse"
+    print(format_table(rows, key))
+    print(f"report: {os.path.join(args.out, 'report.html')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -108,6 +108,23 @@ class EdgePruningResult:
                 **self.info}
 
 
+def _data_parallel() -> tuple[int, int]:
+    """(rank, world size) when torch.distributed is initialised (e.g. under torchrun), else (0, 1)."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _shard(batch: PairedData, rank: int, world: int) -> PairedData:
+    """This rank's equal slice of a batch; the mean of the ranks' gradients is then the full batch's."""
+    n = len(batch)
+    if n % world:
+        raise EdgePruneError(f"data-parallel Edge Pruning needs batches divisible by the {world} ranks; got {n} "
+                             "(choose batch_size and a dataset size that are multiples of the world size)")
+    return batch.select(slice(rank * n // world, (rank + 1) * n // world))
+
+
 def _gate(log_alpha: torch.Tensor) -> HardConcrete:
     gate = HardConcrete(tuple(log_alpha.shape))
     gate.log_alpha.data = log_alpha.detach().clone().cpu()
@@ -177,6 +194,7 @@ def edge_pruning(
     if resume and not (cfg.checkpoint_path and os.path.exists(cfg.checkpoint_path)):
         raise EdgePruneError(f"resume=True but there is no checkpoint at {cfg.checkpoint_path!r}")
     t0 = time.perf_counter()
+    rank, world = _data_parallel()
     with frozen_parameters(model), MaskedModel(model, input_nodes=cfg.input_nodes) as mm:
         graph, device = mm.graph, mm.device
         valid = graph.valid_mask()
@@ -201,12 +219,17 @@ def edge_pruning(
         source = counterfactual_source(mm, cfg.ablation, data, mean_reference)
 
         def save(step: int, path: str) -> None:
+            if rank != 0:  # masks are replicated: one rank writes
+                return
             _save_checkpoint(path, cfg, step, edge_gates, node_gates, lambdas, optimizer, scheduler, gen, history)
 
         step_batches = StepBatches(data, cfg.batch_size, cfg.seed)
-        bar = tqdm(range(start, cfg.steps), disable=not cfg.progress, desc="edge pruning", initial=start, total=cfg.steps)
+        bar = tqdm(range(start, cfg.steps), disable=not cfg.progress or rank != 0, desc="edge pruning", initial=start, total=cfg.steps)
         for step in bar:
-            batch = step_batches(step).to(device)
+            batch = step_batches(step)
+            if world > 1:
+                batch = _shard(batch, rank, world)
+            batch = batch.to(device)
             cf = source(batch)
             with torch.no_grad():
                 full = mm(batch.clean, cf, attention_mask=batch.attention_mask)
@@ -230,6 +253,11 @@ def edge_pruning(
                 )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if world > 1:  # average gradients over ranks: the same update everywhere keeps masks replicated
+                for p in params:
+                    if p.grad is not None:
+                        torch.distributed.all_reduce(p.grad)
+                        p.grad /= world
             lambdas.grad.neg_()  # gradient ascent on λ
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             optimizer.step()

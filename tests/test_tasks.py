@@ -1,0 +1,89 @@
+"""Task generators and the JSONL loader: single tokens checked, positions aligned, clear errors."""
+
+import json
+import tempfile
+
+import pytest
+import torch
+
+import tl_edgeprune as tep
+from tl_edgeprune import tasks
+
+
+def tokenizer(extra_words=()):
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = set("When and went to the , gave a So is really great friend isn ' t he she The war lasted from year".split())
+    words |= set(tasks.NAMES + tasks.MALE + tasks.FEMALE + tasks.PLACES + tasks.OBJECTS) | set(extra_words)
+    words |= {f"{y:02d}" for y in range(100)} | {"<bos>", "<unk>", "<pad>"}
+    vocab = {w: i for i, w in enumerate(sorted(words))}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(),
+                                                pre_tokenizers.Split(Regex(r"\d\d"), "isolated")])
+    folder = tempfile.mkdtemp()
+    PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<bos>", pad_token="<pad>").save_pretrained(folder)
+    return PreTrainedTokenizerFast.from_pretrained(folder)
+
+
+def test_ioi_prompts_align_and_answers_are_the_indirect_object():
+    tok = tokenizer()
+    task = tasks.ioi(tok, n=10, seed=1)
+    data = task.data
+    assert data.clean.shape == data.corrupted.shape and data.clean[0, 0] == tok.bos_token_id
+    differing = (data.clean != data.corrupted).sum(1)
+    assert bool((differing <= 3).all()) and bool((differing >= 1).all())  # only the names change
+    for prompt, answer, distractor in zip(task.clean_prompts, data.answers, data.distractors):
+        io, s = tok.decode([int(answer)]).strip(), tok.decode([int(distractor)]).strip()
+        assert prompt.count(s) == 2 and prompt.count(io) == 1 and prompt.endswith(" to")
+    logits = torch.zeros(10, data.clean.shape[1], len(tok))
+    logits[torch.arange(10), -1, data.answers] = 2.0
+    assert float(task.metric(logits, data)) == pytest.approx(2.0)
+
+
+def test_names_that_are_not_single_tokens_are_rejected():
+    tok = tokenizer()
+    with pytest.raises(tep.EdgePruneError, match="only 2 of the IOI names are single tokens"):
+        tasks.ioi(tok, names=["Mary", "John", "Zebulon", "Quirinus"])
+
+
+def test_greater_than_scores_over_the_two_digit_years():
+    tok = tokenizer()
+    task = tasks.greater_than(tok, n=6, seed=0)
+    assert len(task.data.token_subset) == 100 and task.corrupted_prompts[0].endswith("1701 to the year 17")
+    logits = torch.zeros(6, task.data.clean.shape[1], len(tok))
+    above = torch.arange(100)[None] > task.data.answers[:, None]
+    logits[:, -1, task.data.token_subset] = 20.0 * above.float()
+    assert float(task.metric(logits, task.data)) > 0.99
+
+
+def test_gendered_pronoun_corrupts_with_the_other_gender():
+    tok = tokenizer()
+    task = tasks.gendered_pronoun(tok, n=4)
+    he, she = tasks.single_token(tok, " he"), tasks.single_token(tok, " she")
+    assert task.data.answers.tolist() == [he, she, he, she]
+    for clean, corrupted in zip(task.clean_prompts, task.corrupted_prompts):
+        c, x = clean.split()[1], corrupted.split()[1]
+        assert (c in tasks.MALE) != (x in tasks.MALE)
+
+
+def test_jsonl_loader_and_its_errors(tmp_path):
+    tok = tokenizer()
+    good = {"clean": "When Mary and John went to the store, John gave a drink to",
+            "corrupted": "When Amy and Tom went to the store, Tom gave a drink to", "answer": " Mary", "distractor": " John"}
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(good) + "\n\n" + json.dumps(good) + "\n")
+    task = tasks.from_jsonl(tok, str(path))
+    assert len(task.data) == 2 and task.data.answers.tolist() == [tasks.single_token(tok, " Mary")] * 2
+    cases = [
+        ({k: v for k, v in good.items() if k != "distractor"}, r"d.jsonl:1: missing field\(s\) \['distractor'\]"),
+        ({**good, "answer": " Zebulon"}, "answer ' Zebulon' is not a single token"),
+        ({**good, "corrupted": "When Amy went to the store, Tom gave a drink to"}, "have 15 and 13 tokens"),
+    ]
+    for row, match in cases:
+        path.write_text(json.dumps(row) + "\n")
+        with pytest.raises(tep.EdgePruneError, match=match):
+            tasks.from_jsonl(tok, str(path))
+    path.write_text("{not json\n")
+    with pytest.raises(tep.EdgePruneError, match="not valid JSON"):
+        tasks.from_jsonl(tok, str(path))

@@ -1,0 +1,201 @@
+"""Task generators: IOI, Greater-Than, Gendered Pronoun and the user's own JSONL, for any tokenizer.
+
+Each returns a ``Task``: the prompts, a ``PairedData`` (clean/corrupted ids, scored positions, answers and
+distractors) and the task's metric ``metric(logits, batch) -> scalar`` for EAP and faithfulness curves.
+Names and answers must be single tokens for the tokenizer given: that is checked, never assumed.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from .data import PairedData, paired_data
+from .errors import EdgePruneError
+
+NAMES = ["Mary", "John", "Tom", "James", "Dan", "Sid", "Martin", "Amy", "Paul", "Kate", "Anna", "Mike", "Lisa",
+         "Ben", "Sam", "Emma", "Jack", "Alex", "Rose", "David", "Sarah", "Peter", "Jane", "Mark", "Laura", "Chris"]
+MALE = ["John", "Tom", "James", "Dan", "Martin", "Paul", "Mike", "Ben", "Jack", "David", "Peter", "Mark", "Chris"]
+FEMALE = ["Mary", "Amy", "Kate", "Anna", "Lisa", "Emma", "Rose", "Sarah", "Jane", "Laura", "Susan", "Linda"]
+PLACES = ["store", "park", "school", "office", "station", "garden"]
+OBJECTS = ["drink", "book", "ring", "bag", "letter", "ball"]
+IOI_TEMPLATES = {
+    "ABBA": "When {A} and {B} went to the {place}, {B} gave a {obj} to",
+    "BABA": "When {B} and {A} went to the {place}, {B} gave a {obj} to",
+}
+
+
+@dataclass
+class Task:
+    name: str
+    clean_prompts: list[str]
+    corrupted_prompts: list[str]
+    data: PairedData
+    metric: Callable[[torch.Tensor, PairedData], torch.Tensor]
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def single_token(tokenizer: Any, word: str) -> int | None:
+    """The id of ``word`` if it is exactly one token (and decodes back to itself), else None."""
+    ids = _encode(tokenizer, word)
+    if len(ids) == 1 and tokenizer.decode(ids).strip() == word.strip():
+        return ids[0]
+    return None
+
+
+def _tokenise_pairs(tokenizer: Any, clean: list[str], corrupted: list[str], prepend_bos: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    bos = [tokenizer.bos_token_id] if prepend_bos and tokenizer.bos_token_id is not None else []
+    rows_c, rows_x = [], []
+    for i, (c, x) in enumerate(zip(clean, corrupted)):
+        ci, xi = bos + _encode(tokenizer, c), bos + _encode(tokenizer, x)
+        if len(ci) != len(xi):
+            raise EdgePruneError(
+                f"example {i}: clean and corrupted prompts have {len(ci)} and {len(xi)} tokens; positions must align "
+                f"({c!r} vs {x!r})"
+            )
+        rows_c.append(ci)
+        rows_x.append(xi)
+    if len({len(r) for r in rows_c}) != 1:
+        # Right-pad to one width; the attention mask marks real tokens.
+        raise _Ragged(rows_c, rows_x)
+    return torch.tensor(rows_c), torch.tensor(rows_x)
+
+
+class _Ragged(Exception):
+    def __init__(self, clean, corrupted):
+        self.clean, self.corrupted = clean, corrupted
+
+
+def _bundle(tokenizer, clean, corrupted, answers, distractors, prepend_bos, token_subset=None) -> PairedData:
+    try:
+        c, x = _tokenise_pairs(tokenizer, clean, corrupted, prepend_bos)
+        mask = None
+    except _Ragged as ragged:
+        width = max(len(r) for r in ragged.clean)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        c = torch.tensor([r + [pad] * (width - len(r)) for r in ragged.clean])
+        x = torch.tensor([r + [pad] * (width - len(r)) for r in ragged.corrupted])
+        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in ragged.clean])
+    return paired_data(c, x, positions="last", attention_mask=mask,
+                       answers=None if answers is None else torch.tensor(answers),
+                       distractors=None if distractors is None else torch.tensor(distractors), token_subset=token_subset)
+
+
+def logit_difference(logits: torch.Tensor, batch: PairedData) -> torch.Tensor:
+    from .eap import default_metric
+
+    return default_metric(logits, batch)
+
+
+def _single_token_names(tokenizer: Any, names: list[str], need: int, what: str) -> dict[str, int]:
+    ok = {n: i for n in names if (i := single_token(tokenizer, " " + n)) is not None}
+    if len(ok) < need:
+        raise EdgePruneError(f"only {len(ok)} of the {what} are single tokens for this tokenizer ({sorted(ok)}); "
+                             f"need at least {need}. Pass names=[...] that are.")
+    return ok
+
+
+def ioi(tokenizer: Any, n: int = 100, seed: int = 0, names: list[str] | None = None, prepend_bos: bool = True) -> Task:
+    """Indirect object identification (ABBA and BABA alternating). Corruption replaces every name with another
+    single-token name, so clean and corrupted prompts have the same tokens up to the names."""
+    rng = random.Random(seed)
+    pool = _single_token_names(tokenizer, names or NAMES, 4, "IOI names")
+    names_ok = sorted(pool)
+    clean, corrupted, answers, distractors = [], [], [], []
+    for i in range(n):
+        template = IOI_TEMPLATES["ABBA" if i % 2 == 0 else "BABA"]
+        a, b, c, d = rng.sample(names_ok, 4)
+        place, obj = rng.choice(PLACES), rng.choice(OBJECTS)
+        clean.append(template.format(A=a, B=b, place=place, obj=obj))
+        corrupted.append(template.format(A=c, B=d, place=place, obj=obj))
+        answers.append(pool[a])
+        distractors.append(pool[b])
+    return Task("ioi", clean, corrupted, _bundle(tokenizer, clean, corrupted, answers, distractors, prepend_bos),
+                logit_difference)
+
+
+def greater_than(tokenizer: Any, n: int = 100, seed: int = 0, prepend_bos: bool = True) -> Task:
+    """"The war lasted from the year 17YY to the year 17" → a year above YY; corrupted with YY = 01.
+    Scored over the tokens "00".."99" (renormalised): metric = P(> YY) − P(≤ YY)."""
+    digits = [single_token(tokenizer, f"{y:02d}") for y in range(100)]
+    if any(d is None for d in digits):
+        bad = [f"{y:02d}" for y, d in enumerate(digits) if d is None][:5]
+        raise EdgePruneError(f"Greater-Than needs '00'..'99' to be single tokens; not so for {bad} with this tokenizer")
+    if single_token(tokenizer, " 17") is None and single_token(tokenizer, "17") is None:
+        raise EdgePruneError("Greater-Than needs '17' to be a single token")
+    rng = random.Random(seed)
+    years = [rng.randint(2, 98) for _ in range(n)]
+    clean = [f"The war lasted from the year 17{y:02d} to the year 17" for y in years]
+    corrupted = ["The war lasted from the year 1701 to the year 17" for _ in years]
+    data = _bundle(tokenizer, clean, corrupted, None, None, prepend_bos, token_subset=digits)
+    data.answers = torch.tensor(years)  # the threshold year YY, used by the metric below
+
+    def prob_diff(logits: torch.Tensor, batch: PairedData) -> torch.Tensor:
+        from .metrics import _last_scored
+
+        rows = torch.arange(len(batch), device=logits.device)
+        at = _last_scored(batch).to(logits.device)
+        probs = logits[rows, at][:, batch.token_subset.to(logits.device)].softmax(-1)
+        above = torch.arange(100, device=logits.device)[None] > batch.answers.to(logits.device)[:, None]
+        return ((probs * above).sum(-1) - (probs * ~above).sum(-1)).mean()
+
+    return Task("greater_than", clean, corrupted, data, prob_diff)
+
+
+def gendered_pronoun(tokenizer: Any, n: int = 100, seed: int = 0, prepend_bos: bool = True) -> Task:
+    """"So {name} is a really great friend, isn't" → " he"/" she"; corrupted with an opposite-gender name."""
+    male = _single_token_names(tokenizer, MALE, 1, "male names")
+    female = _single_token_names(tokenizer, FEMALE, 1, "female names")
+    he, she = single_token(tokenizer, " he"), single_token(tokenizer, " she")
+    if he is None or she is None:
+        raise EdgePruneError("Gendered Pronoun needs ' he' and ' she' to be single tokens")
+    rng = random.Random(seed)
+    clean, corrupted, answers, distractors = [], [], [], []
+    for i in range(n):
+        is_male = i % 2 == 0
+        name = rng.choice(sorted(male if is_male else female))
+        other = rng.choice(sorted(female if is_male else male))
+        clean.append(f"So {name} is a really great friend, isn't")
+        corrupted.append(f"So {other} is a really great friend, isn't")
+        answers.append(he if is_male else she)
+        distractors.append(she if is_male else he)
+    return Task("gendered_pronoun", clean, corrupted, _bundle(tokenizer, clean, corrupted, answers, distractors,
+                                                              prepend_bos), logit_difference)
+
+
+def from_jsonl(tokenizer: Any, path: str, prepend_bos: bool = True) -> Task:
+    """Lines of ``{"clean", "corrupted", "answer", "distractor"}``; answers are read at the last token."""
+    clean, corrupted, answers, distractors = [], [], [], []
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise EdgePruneError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+            missing = [k for k in ("clean", "corrupted", "answer", "distractor") if k not in row]
+            if missing:
+                raise EdgePruneError(f"{path}:{lineno}: missing field(s) {missing}; each line needs clean, corrupted, "
+                                     "answer and distractor")
+            ids = {}
+            for key in ("answer", "distractor"):
+                ids[key] = single_token(tokenizer, row[key])
+                if ids[key] is None:
+                    raise EdgePruneError(f"{path}:{lineno}: {key} {row[key]!r} is not a single token for this tokenizer "
+                                         f"(it is {_encode(tokenizer, row[key])}); mind the leading space")
+            clean.append(row["clean"])
+            corrupted.append(row["corrupted"])
+            answers.append(ids["answer"])
+            distractors.append(ids["distractor"])
+    if not clean:
+        raise EdgePruneError(f"{path}: no examples")
+    return Task("jsonl", clean, corrupted, _bundle(tokenizer, clean, corrupted, answers, distractors, prepend_bos),
+                logit_difference)

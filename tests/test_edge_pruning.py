@@ -135,3 +135,37 @@ def test_nan_loss_stops_with_a_checkpoint(tmp_path):
     with pytest.raises(tep.EdgePruneError, match="became nan at step 0.*saved at"):
         tep.edge_pruning(model, data, 0.5, steps=5, objective=nan_objective, checkpoint_path=path, progress=False)
     assert torch.load(path, weights_only=False)["step"] == 0
+
+
+def test_a_dataloader_of_dict_batches_is_accepted():
+    model, data = small_problem(n=16)
+    loader = torch.utils.data.DataLoader(
+        [{"clean": c, "corrupted": x} for c, x in zip(data.clean, data.corrupted)], batch_size=8)
+    from_loader = tep.edge_pruning(model, loader, 0.5, steps=6, batch_size=8, progress=False)
+    from_tensors = tep.edge_pruning(model, data, 0.5, steps=6, batch_size=8, progress=False)
+    assert len(from_loader.history["objective"]) == 6
+    with pytest.raises(tep.EdgePruneError, match="dict with 'clean'"):
+        tep.edge_pruning(model, [data.clean], 0.5, steps=2, progress=False)
+    assert from_tensors.edge_log_alpha.shape == from_loader.edge_log_alpha.shape
+
+
+def test_circuits_round_trip_and_refuse_other_shapes(tmp_path):
+    model, data = small_problem()
+    graph = tep.Graph.from_model(model)
+    scores = torch.randn(graph.shape, generator=torch.Generator().manual_seed(0))
+    circuit = tep.Circuit.top_k(graph, scores, k=30, method="eap")
+    for name in ("c.json", "c.pt"):
+        circuit.save(str(tmp_path / name))
+        loaded = tep.Circuit.load(str(tmp_path / name))
+        assert loaded.edge_names() == circuit.edge_names() and loaded.method == "eap"
+        torch.testing.assert_close(loaded.scores[graph.valid_mask()], circuit.scores[graph.valid_mask()])
+    mib = __import__("json").load(open(tmp_path / "c.json"))
+    assert set(mib) >= {"cfg", "nodes", "edges"} and len(mib["edges"]) == graph.n_edges
+    assert sum(e["in_graph"] for e in mib["edges"].values()) == 30 and mib["nodes"]["logits"]["in_graph"] in (True, False)
+    metrics = circuit.evaluate(model, data)
+    assert {"kl", "mse", "exact_match", "edges", "sparsity"} <= set(metrics) and metrics["edges"] == 30
+    assert 0 <= metrics["exact_match"] <= 1 and metrics["kl"] >= 0
+    other = tep.Graph.from_spec(tep.GraphSpec(3, 4, 4, 32))
+    wrong = tep.Circuit.top_k(other, torch.ones(other.shape), k=5)
+    with pytest.raises(tep.EdgePruneError, match="same shape"):
+        wrong.evaluate(model, data)

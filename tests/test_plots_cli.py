@@ -111,3 +111,28 @@ def test_report_renders_in_headless_chromium(tmp_path):
     image = Image.open(png).convert("L")
     lo, hi = image.getextrema()
     assert hi - lo > 100 and len(set(image.getdata())) > 20  # not blank
+
+
+def test_cli_run_on_a_local_transformers_folder_and_jsonl(tmp_path, capsys):
+    import json
+
+    import transformers
+
+    from .models import word_tokenizer
+
+    model_dir = tmp_path / "model"
+    cfg = transformers.GPT2Config(n_layer=2, n_head=4, n_embd=32, vocab_size=40, n_positions=16)
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(model_dir)
+    word_tokenizer().save_pretrained(model_dir)
+    lines = [{"clean": f"w{i} w{i + 1} w{i + 2}", "corrupted": f"w{i + 3} w{i + 1} w{i + 2}", "answer": " w7",
+              "distractor": " w8"} for i in range(8)]
+    jsonl = tmp_path / "data.jsonl"
+    jsonl.write_text("\n".join(json.dumps(line) for line in lines))
+    out = tmp_path / "out"
+    assert main(["run", "--model-dir", str(model_dir), "--jsonl", str(jsonl), "--steps", "10", "--no-progress",
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "edge_pruning" in printed and "eap" in printed
+    assert (out / "report.html").exists() and (out / "edge_pruning_circuit.json").exists()
+    with pytest.raises(tep.EdgePruneError, match="is not a folder"):
+        main(["run", "--model-dir", str(tmp_path / "nope"), "--jsonl", str(jsonl), "--no-progress"])

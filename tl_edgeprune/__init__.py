@@ -2,7 +2,7 @@
 
 from .circuit import Circuit
 from .counterfactual import Counterfactual
-from .data import PairedData, paired_data
+from .data import PairedData, ShardedData, as_data, paired_data
 from .edge_pruning import EdgePruningConfig, EdgePruningResult, edge_pruning
 from .engine import MaskedModel, masked
 from .errors import EdgePruneError, HookFiringError, UnsupportedModelError
@@ -22,6 +22,8 @@ __all__ = [
     "HookFiringError",
     "MaskedModel",
     "PairedData",
+    "ShardedData",
+    "as_data",
     "UnsupportedModelError",
     "edge_mask_from_names",
     "edge_pruning",

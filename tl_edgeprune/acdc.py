@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from .ablations import Ablation, counterfactual_source
 from .circuit import Circuit
-from .data import PairedData, ShardedData
+from .data import PairedData, as_data
 from .edge_pruning import frozen_parameters
 from .engine import MaskedModel
 from .errors import EdgePruneError
@@ -40,8 +40,7 @@ def acdc(
     """The ACDC circuit at threshold τ; ``circuit.scores`` holds each edge's metric change when tried."""
     if threshold < 0:
         raise EdgePruneError(f"threshold τ must be >= 0, got {threshold}")
-    if not isinstance(data, (PairedData, ShardedData)):
-        raise EdgePruneError(f"data must be a PairedData (tl_edgeprune.paired_data(...)), got {type(data).__name__}")
+    data = as_data(data)
     objective = resolve_objective(metric)
     t0 = time.perf_counter()
     with torch.no_grad(), frozen_parameters(model), MaskedModel(model, input_nodes=input_nodes) as mm:

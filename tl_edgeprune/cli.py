@@ -1,4 +1,5 @@
-"""``tl-edgeprune demo``: Edge Pruning, EAP and ACDC on a shipped Tracr model, a table and an HTML report."""
+"""``tl-edgeprune demo``: Edge Pruning, EAP and ACDC on a shipped Tracr model, a table and an HTML report.
+``tl-edgeprune run``: the same on the user's JSONL data with a model from a local transformers folder."""
 
 from __future__ import annotations
 
@@ -69,6 +70,51 @@ def run_demo(task_name: str, methods: list[str], out: str, target: float | None,
     return rows
 
 
+def run_local(model_dir: str, jsonl: str, methods: list[str], out: str, target: float, steps: int, ablation: str,
+              acdc_threshold: float, seed: int, progress: bool) -> list[dict]:
+    """A model from a local ``transformers`` folder (booted as a TransformerBridge) on the user's JSONL data."""
+    from .adapter import transformer_bridge_class
+    from .errors import EdgePruneError
+    from .tasks import from_jsonl
+
+    bridge = transformer_bridge_class()
+    if bridge is None:
+        raise EdgePruneError("loading a local transformers folder needs TransformerBridge (transformer-lens >= 3)")
+    if not os.path.isdir(model_dir):
+        raise EdgePruneError(f"--model-dir {model_dir!r} is not a folder (it should hold config.json and the weights)")
+    model = bridge.boot_transformers(model_dir)
+    task = from_jsonl(model.tokenizer, jsonl)
+    settings = dict(steps=steps, sparsity_warmup=max(1, int(steps * 0.8)), lr_warmup=min(200, steps // 10),
+                    ablation=ablation, seed=seed, progress=progress)
+    rows, figures, k = [], [], None
+    found = {}
+    t = time.perf_counter()
+    if "edge_pruning" in methods:
+        found["edge_pruning"] = (edge_pruning(model, task.data, target, **settings).circuit(), time.perf_counter() - t)
+        k = found["edge_pruning"][0].n_edges
+    if "eap" in methods:
+        t = time.perf_counter()
+        scores = eap(model, task.data, ablation=ablation, progress=progress)
+        k = k or max(1, int(round((1 - min(target, 1.0)) * scores.graph.n_edges)))
+        found["eap"] = (scores.circuit(k=k), time.perf_counter() - t)
+    if "acdc" in methods:
+        t = time.perf_counter()
+        found["acdc"] = (acdc(model, task.data, acdc_threshold, ablation=ablation, progress=progress), time.perf_counter() - t)
+    if "hap" in methods:
+        t = time.perf_counter()
+        found["hap"] = (hap(model, task.data, target, keep=0.3, **settings).circuit(), time.perf_counter() - t)
+    for name, (circuit, seconds) in found.items():
+        metrics = circuit.evaluate(model, task.data, ablation=ablation)
+        rows.append({"method": name, "edges": circuit.n_edges, "kl": metrics["kl"], "exact_match": metrics["exact_match"],
+                     "seconds": seconds, "canonical": False})
+        figures.append(plot_circuit(circuit, title=f"{name}: {circuit.n_edges} edges"))
+        os.makedirs(out, exist_ok=True)
+        circuit.to_json(os.path.join(out, f"{name}_circuit.json"))
+    os.makedirs(out, exist_ok=True)
+    write_report(os.path.join(out, "report.html"), os.path.basename(os.path.abspath(model_dir)), rows, "kl", figures)
+    return rows
+
+
 def format_table(rows: list[dict], key: str) -> str:
     lines = [f"{'method':<14}{'edges':>7}{key.upper():>12}{'exact match':>13}{'time (s)':>10}  canonical"]
     for r in rows:
@@ -102,14 +148,30 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--out", default="tl_edgeprune_demo", help="output folder for report.html")
     demo.add_argument("--no-progress", action="store_true")
+    run = sub.add_parser("run", help="your JSONL data on a model from a local transformers folder")
+    run.add_argument("--model-dir", required=True, help="a folder from save_pretrained (config, weights, tokenizer)")
+    run.add_argument("--jsonl", required=True, help="lines of {clean, corrupted, answer, distractor}")
+    run.add_argument("--methods", default="edge_pruning,eap")
+    run.add_argument("--target", type=float, default=0.95)
+    run.add_argument("--steps", type=int, default=3000)
+    run.add_argument("--ablation", choices=["interchange", "mean", "zero"], default="interchange")
+    run.add_argument("--acdc-threshold", type=float, default=0.01)
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--out", default="tl_edgeprune_run")
+    run.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = sorted(set(methods) - set(METHODS))
     if unknown or not methods:
         parser.error(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
-    rows = run_demo(args.task, methods, args.out, args.target, args.steps, args.acdc_threshold, args.seed,
-                    progress=not args.no_progress)
-    key = "kl" if EDGE_PRUNING_SETTINGS[args.task]["objective"] == "kl" else "mse"
+    if args.command == "demo":
+        rows = run_demo(args.task, methods, args.out, args.target, args.steps, args.acdc_threshold, args.seed,
+                        progress=not args.no_progress)
+        key = "kl" if EDGE_PRUNING_SETTINGS[args.task]["objective"] == "kl" else "mse"
+    else:
+        rows = run_local(args.model_dir, args.jsonl, methods, args.out, args.target, args.steps, args.ablation,
+                         args.acdc_threshold, args.seed, progress=not args.no_progress)
+        key = "kl"
     print(format_table(rows, key))
     print(f"report: {os.path.join(args.out, 'report.html')}")
     return 0

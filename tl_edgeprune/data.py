@@ -82,6 +82,31 @@ class ShardedData:
         yield from batches
 
 
+def as_data(source) -> PairedData | ShardedData:
+    """Accept a PairedData/ShardedData, or any iterable of batches (e.g. a torch DataLoader) yielding dicts with
+    ``clean`` and ``corrupted`` (and optionally ``positions``, ``attention_mask``, ``answers``, ``distractors``).
+    Batches are collected once, so resumed runs see the same data; widths may differ between batches."""
+    if isinstance(source, (PairedData, ShardedData)):
+        return source
+    if isinstance(source, (str, bytes, dict, torch.Tensor)) or not hasattr(source, "__iter__"):
+        raise EdgePruneError(
+            f"data must be a PairedData (tl_edgeprune.paired_data(...)) or an iterable of dict batches, "
+            f"got {type(source).__name__}"
+        )
+    shards = []
+    for i, batch in enumerate(source):
+        if not isinstance(batch, dict) or "clean" not in batch or "corrupted" not in batch:
+            raise EdgePruneError(
+                f"batch {i} of the data is not a dict with 'clean' and 'corrupted' token ids; pass a PairedData "
+                "(tl_edgeprune.paired_data(clean, corrupted)) or a DataLoader of such dicts"
+            )
+        extra = {k: batch[k] for k in ("positions", "attention_mask", "answers", "distractors", "token_subset") if k in batch}
+        shards.append(paired_data(batch["clean"], batch["corrupted"], **extra))
+    if not shards:
+        raise EdgePruneError("the data loader yielded no batches")
+    return shards[0] if len(shards) == 1 else ShardedData(shards)
+
+
 def paired_data(
     clean: torch.Tensor,
     corrupted: torch.Tensor,

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from .ablations import Ablation, counterfactual_source
 from .circuit import Circuit
-from .data import PairedData, ShardedData
+from .data import PairedData, as_data
 from .edge_pruning import frozen_parameters
 from .engine import MaskedModel
 from .errors import EdgePruneError
@@ -77,8 +77,7 @@ def eap(
     progress: bool = True,
 ) -> EdgeScores:
     """EAP scores for every edge (``ig_steps=m`` gives EAP-IG with m interpolation steps)."""
-    if not isinstance(data, (PairedData, ShardedData)):
-        raise EdgePruneError(f"data must be a PairedData (tl_edgeprune.paired_data(...)), got {type(data).__name__}")
+    data = as_data(data)
     if ig_steps is not None and ig_steps < 1:
         raise EdgePruneError(f"ig_steps must be a positive number of interpolation steps, got {ig_steps}")
     metric_fn = default_metric if metric == "default" else metric

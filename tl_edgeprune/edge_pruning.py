@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from .ablations import Ablation, counterfactual_source
 from .circuit import Circuit, _atomic_write
-from .data import PairedData, ShardedData
+from .data import PairedData, as_data
 from .engine import MaskedModel
 from .errors import EdgePruneError
 from .graph import Graph, InputNodes
@@ -186,8 +186,7 @@ def edge_pruning(
 
     cfg = EdgePruningConfig(target_sparsity=target_sparsity, **options)
     cfg.validate()
-    if not isinstance(data, (PairedData, ShardedData)):
-        raise EdgePruneError(f"data must be a PairedData (tl_edgeprune.paired_data(...)), got {type(data).__name__}")
+    data = as_data(data)
     if len(data) == 0:
         raise EdgePruneError("the dataset is empty")
     objective = resolve_objective(cfg.objective)

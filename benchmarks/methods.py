@@ -52,9 +52,9 @@ def tracr(name: str) -> None:
     a = acdc(task.model, data, threshold=0.01, ablation="zero", metric=settings["objective"], progress=False)
     row("acdc τ=0.01", time.perf_counter() - t, a, a.evaluate(task.model, data, ablation="zero"), key)
     t = time.perf_counter()
-    h = hap(task.model, data, keep=0.3, eap_options={"ablation": "zero", "progress": False},
+    h = hap(task.model, data, keep=0.5, eap_options={"ablation": "zero", "progress": False},
             **settings).circuit()
-    row("hap (EAP keeps 30%)", time.perf_counter() - t, h, h.evaluate(task.model, data, ablation="zero"), key)
+    row("hap (EAP keeps 50%)", time.perf_counter() - t, h, h.evaluate(task.model, data, ablation="zero"), key)
     print(f"  edge pruning == canonical circuit: {sorted(ep.edge_names()) == sorted(task.canonical_circuit)}; "
           f"acdc == canonical: {sorted(a.edge_names()) == sorted(task.canonical_circuit)}")
 
@@ -70,14 +70,15 @@ def gpt2_shape(steps: int) -> None:
     t = time.perf_counter()
     res = tep.edge_pruning(model, data, 0.9, steps=steps, sparsity_warmup=steps, lr_warmup=0, batch_size=8, progress=False)
     t_ep = time.perf_counter() - t
-    circuit = res.circuit()
-    print(f"  edge pruning: {steps} steps in {t_ep:.1f} s ({t_ep / steps:.2f} s/step), {circuit.n_edges} edges, "
-          f"KL {circuit.evaluate(model, data)['kl']:.3g}")
+    k = round(0.05 * res.graph.n_edges)  # compare at 95% sparsity
+    circuit = res.circuit_top_k(k)
+    print(f"  edge pruning: {steps} steps in {t_ep:.1f} s ({t_ep / steps:.2f} s/step); its top-{k} edges by mask "
+          f"(after only {steps} steps): KL {circuit.evaluate(model, data)['kl']:.3g}")
     t = time.perf_counter()
     scores = eap(model, data, progress=False)
     t_eap = time.perf_counter() - t
-    c = scores.circuit(k=max(circuit.n_edges, 1))
-    print(f"  eap: {t_eap:.1f} s, top-{c.n_edges} KL {c.evaluate(model, data)['kl']:.3g}")
+    c = scores.circuit(k=k)
+    print(f"  eap: {t_eap:.1f} s, top-{k} KL {c.evaluate(model, data)['kl']:.3g}")
     t = time.perf_counter()
     h = hap(model, data, 0.9, keep=0.2, steps=steps, sparsity_warmup=steps, lr_warmup=0, batch_size=8, progress=False,
             eap_options={"progress": False})

@@ -49,7 +49,7 @@ def run_demo(task_name: str, methods: list[str], out: str, target: float | None,
                                  progress=progress), time.perf_counter() - t)
     if "hap" in methods:
         t = time.perf_counter()
-        result = hap(task.model, data, keep=0.3, eap_options={"ablation": "zero", "progress": progress}, **settings)
+        result = hap(task.model, data, keep=0.5, eap_options={"ablation": "zero", "progress": progress}, **settings)
         circuits["hap"] = (result.circuit(), time.perf_counter() - t)
     canonical = sorted(task.canonical_circuit)
     for name, (circuit, seconds) in circuits.items():
@@ -102,7 +102,7 @@ def run_local(model_dir: str, jsonl: str, methods: list[str], out: str, target: 
         found["acdc"] = (acdc(model, task.data, acdc_threshold, ablation=ablation, progress=progress), time.perf_counter() - t)
     if "hap" in methods:
         t = time.perf_counter()
-        found["hap"] = (hap(model, task.data, target, keep=0.3, **settings).circuit(), time.perf_counter() - t)
+        found["hap"] = (hap(model, task.data, target, keep=0.5, **settings).circuit(), time.perf_counter() - t)
     for name, (circuit, seconds) in found.items():
         metrics = circuit.evaluate(model, task.data, ablation=ablation)
         rows.append({"method": name, "edges": circuit.n_edges, "kl": metrics["kl"], "exact_match": metrics["exact_match"],

@@ -31,6 +31,7 @@ class EdgePruningConfig:
     """Defaults are the reference's GPT-2 settings (see docs/method.md for the mapping)."""
 
     target_sparsity: float = 0.95
+    start_sparsity: float = 0.0  # the target rises linearly from here (HAP starts at its preselection's sparsity)
     steps: int = 3000
     sparsity_warmup: int = 2500
     lr: float = 0.8  # log α of edges and nodes
@@ -54,6 +55,8 @@ class EdgePruningConfig:
     def validate(self) -> None:
         if not (0 < self.target_sparsity <= 2):
             raise EdgePruneError(f"target_sparsity must lie in (0, 2], got {self.target_sparsity} (values above 1 push harder)")
+        if not (0 <= self.start_sparsity <= self.target_sparsity):
+            raise EdgePruneError(f"start_sparsity must lie in [0, target_sparsity], got {self.start_sparsity}")
         for name in ("steps", "batch_size"):
             if getattr(self, name) < 1:
                 raise EdgePruneError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -69,7 +72,7 @@ class EdgePruningConfig:
 
     def fingerprint(self) -> dict:
         """What must match for a checkpoint to be resumed."""
-        keep = ("target_sparsity", "steps", "sparsity_warmup", "lr", "lambda_lr", "lr_warmup", "batch_size",
+        keep = ("target_sparsity", "start_sparsity", "steps", "sparsity_warmup", "lr", "lambda_lr", "lr_warmup", "batch_size",
                 "grad_clip", "node_masks", "sparsity_from", "seed", "input_nodes")
         return {k: getattr(self, k) for k in keep}
 
@@ -240,7 +243,8 @@ def edge_pruning(
                 sparsity = 1 - z.sum() / n_edges
             else:
                 sparsity = 1 - (edge_gates.prob_nonzero() * trainable_f).sum() / n_edges
-            target = cfg.target_sparsity * min(1.0, step / cfg.sparsity_warmup) if cfg.sparsity_warmup else cfg.target_sparsity
+            ramp = min(1.0, step / cfg.sparsity_warmup) if cfg.sparsity_warmup else 1.0
+            target = cfg.start_sparsity + (cfg.target_sparsity - cfg.start_sparsity) * ramp
             gap = sparsity - target
             loss = obj + lambdas[0] * gap + lambdas[1] * gap**2
             if not torch.isfinite(loss):

@@ -35,6 +35,8 @@ def hap(
         raise EdgePruneError(f"keep as a fraction must lie in (0, 1], got {keep}")
     preselected = scores.circuit(k=keep) if isinstance(keep, int) else scores.circuit(fraction=keep)
     t_eap = time.perf_counter() - t0
+    # The preselection already removes the other edges: ramp the target from there, not from 0.
+    edge_pruning_options.setdefault("start_sparsity", min(preselected.sparsity, target_sparsity))
     result = edge_pruning(model, data, target_sparsity, trainable_edges=preselected.edges, **edge_pruning_options)
     result.info.update({"method": "hap", "eap_seconds": t_eap, "edge_pruning_seconds": result.seconds,
                         "preselected_edges": preselected.n_edges})

@@ -113,8 +113,7 @@ def test_faithfulness_curve_normalisation_and_areas():
     model, data = tiny_task()
     scores = eap(model, data, progress=False)
     n = scores.graph.n_edges
-    curve = faithfulness_curve(model, data, scores, [0, n // 4, n // 2, n], progress=False) if False else \
-        faithfulness_curve(model, data, scores, [0, n // 4, n // 2, n])
+    curve = faithfulness_curve(model, data, scores, [0, n // 4, n // 2, n])
     f = curve.faithfulness
     assert f[0] == pytest.approx(0.0, abs=1e-5) and f[-1] == pytest.approx(1.0, abs=1e-5)
     assert curve.fractions == [0.0, (n // 4) / n, (n // 2) / n, 1.0]

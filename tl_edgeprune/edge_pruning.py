@@ -9,7 +9,8 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from dataclasses import asdict, dataclass, field
+import time
+from dataclasses import dataclass, field
 from typing import Any, Callable, Union
 
 import torch
@@ -185,8 +186,6 @@ def edge_pruning(
 
     ``trainable_edges`` ([writer, reader] bool) restricts learning to those edges, the rest fixed at 0 (HAP).
     """
-    import time
-
     cfg = EdgePruningConfig(target_sparsity=target_sparsity, **options)
     cfg.validate()
     data = as_data(data)

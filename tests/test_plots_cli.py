@@ -134,5 +134,7 @@ def test_cli_run_on_a_local_transformers_folder_and_jsonl(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "edge_pruning" in printed and "eap" in printed
     assert (out / "report.html").exists() and (out / "edge_pruning_circuit.json").exists()
+    report = (out / "report.html").read_text()
+    assert "<h1>tl_edgeprune: model on data.jsonl</h1>" in report and "Tracr" not in report
     with pytest.raises(tep.EdgePruneError, match="is not a folder"):
         main(["run", "--model-dir", str(tmp_path / "nope"), "--jsonl", str(jsonl), "--no-progress"])

@@ -9,14 +9,51 @@ import sys
 import time
 
 from .acdc import acdc
+from .circuit import _atomic_write
 from .eap import eap
 from .edge_pruning import edge_pruning
+from .graph import Graph
 from .hap import hap
 from .plots import plot_circuit, plot_curves, plot_history, plot_overlap
 from .selection import faithfulness_curve
 from .tracr_models import EDGE_PRUNING_SETTINGS, TASKS, load_tracr
 
 METHODS = ("edge_pruning", "eap", "acdc", "hap")
+
+
+def run_methods(model, data, methods: list[str], settings: dict, ablation: str, acdc_threshold: float,
+                acdc_metric: str, eap_edges: int, progress: bool) -> tuple[dict, object, object]:
+    """Run the chosen methods on one model and dataset: {name: (circuit, seconds)}, the Edge Pruning result and
+    the EAP scores (None where not run). EAP is cut at Edge Pruning's edge count when both run, else eap_edges."""
+    circuits, ep_result, scores = {}, None, None
+    if "edge_pruning" in methods:
+        t = time.perf_counter()
+        ep_result = edge_pruning(model, data, **settings)
+        circuits["edge_pruning"] = (ep_result.circuit(), time.perf_counter() - t)
+    if "eap" in methods:
+        t = time.perf_counter()
+        scores = eap(model, data, ablation=ablation, progress=progress)
+        k = circuits["edge_pruning"][0].n_edges if ep_result is not None else eap_edges
+        circuits["eap"] = (scores.circuit(k=k), time.perf_counter() - t)
+    if "acdc" in methods:
+        t = time.perf_counter()
+        circuits["acdc"] = (acdc(model, data, acdc_threshold, metric=acdc_metric, ablation=ablation, progress=progress),
+                            time.perf_counter() - t)
+    if "hap" in methods:
+        t = time.perf_counter()
+        result = hap(model, data, keep=0.5, eap_options={"ablation": ablation, "progress": progress}, **settings)
+        circuits["hap"] = (result.circuit(), time.perf_counter() - t)
+    return circuits, ep_result, scores
+
+
+def report_rows(model, data, circuits: dict, ablation: str, key: str, canonical: list[str] | None) -> list[dict]:
+    rows = []
+    for name, (circuit, seconds) in circuits.items():
+        metrics = circuit.evaluate(model, data, ablation=ablation)
+        rows.append({"method": name, "edges": circuit.n_edges, key: metrics[key], "exact_match": metrics["exact_match"],
+                     "seconds": seconds,
+                     "canonical": canonical is not None and sorted(circuit.edge_names()) == sorted(canonical)})
+    return rows
 
 
 def run_demo(task_name: str, methods: list[str], out: str, target: float | None, steps: int | None,
@@ -31,32 +68,10 @@ def run_demo(task_name: str, methods: list[str], out: str, target: float | None,
         settings["sparsity_warmup"] = min(settings["sparsity_warmup"], max(1, int(steps * 0.95)))
         settings["lr_warmup"] = min(settings["lr_warmup"], steps // 4)
     key = "kl" if settings["objective"] == "kl" else "mse"
-    rows, circuits, figures = [], {}, []
-    ep_result = None
-    if "edge_pruning" in methods:
-        t = time.perf_counter()
-        ep_result = edge_pruning(task.model, data, **settings)
-        circuits["edge_pruning"] = (ep_result.circuit(), time.perf_counter() - t)
-    scores = None
-    if "eap" in methods:
-        t = time.perf_counter()
-        scores = eap(task.model, data, ablation="zero", progress=progress)
-        k = circuits["edge_pruning"][0].n_edges if "edge_pruning" in circuits else len(task.canonical_circuit)
-        circuits["eap"] = (scores.circuit(k=k), time.perf_counter() - t)
-    if "acdc" in methods:
-        t = time.perf_counter()
-        circuits["acdc"] = (acdc(task.model, data, acdc_threshold, metric=settings["objective"], ablation="zero",
-                                 progress=progress), time.perf_counter() - t)
-    if "hap" in methods:
-        t = time.perf_counter()
-        result = hap(task.model, data, keep=0.5, eap_options={"ablation": "zero", "progress": progress}, **settings)
-        circuits["hap"] = (result.circuit(), time.perf_counter() - t)
-    canonical = sorted(task.canonical_circuit)
-    for name, (circuit, seconds) in circuits.items():
-        metrics = circuit.evaluate(task.model, data, ablation="zero")
-        rows.append({"method": name, "edges": circuit.n_edges, key: metrics[key], "exact_match": metrics["exact_match"],
-                     "seconds": seconds, "canonical": sorted(circuit.edge_names()) == canonical})
-        figures.append(plot_circuit(circuit, title=f"{name}: {circuit.n_edges} edges"))
+    circuits, ep_result, scores = run_methods(task.model, data, methods, settings, "zero", acdc_threshold,
+                                              settings["objective"], len(task.canonical_circuit), progress)
+    rows = report_rows(task.model, data, circuits, "zero", key, task.canonical_circuit)
+    figures = [plot_circuit(c, title=f"{name}: {c.n_edges} edges") for name, (c, _) in circuits.items()]
     if ep_result is not None:
         figures.append(plot_history(ep_result))
     if scores is not None:
@@ -65,8 +80,7 @@ def run_demo(task_name: str, methods: list[str], out: str, target: float | None,
         figures.append(plot_curves([faithfulness_curve(task.model, data, scores, sizes, ablation="zero")]))
     if "edge_pruning" in circuits and "acdc" in circuits:
         figures.append(plot_overlap(circuits["edge_pruning"][0], circuits["acdc"][0], ("edge_pruning", "acdc")))
-    os.makedirs(out, exist_ok=True)
-    write_report(os.path.join(out, "report.html"), task_name, rows, key, figures)
+    write_report(os.path.join(out, "report.html"), f"tl_edgeprune demo: Tracr {task_name}", rows, key, figures)
     return rows
 
 
@@ -84,34 +98,19 @@ def run_local(model_dir: str, jsonl: str, methods: list[str], out: str, target: 
         raise EdgePruneError(f"--model-dir {model_dir!r} is not a folder (it should hold config.json and the weights)")
     model = bridge.boot_transformers(model_dir)
     task = from_jsonl(model.tokenizer, jsonl)
-    settings = dict(steps=steps, sparsity_warmup=max(1, int(steps * 0.8)), lr_warmup=min(200, steps // 10),
-                    ablation=ablation, seed=seed, progress=progress)
-    rows, figures, k = [], [], None
-    found = {}
-    t = time.perf_counter()
-    if "edge_pruning" in methods:
-        found["edge_pruning"] = (edge_pruning(model, task.data, target, **settings).circuit(), time.perf_counter() - t)
-        k = found["edge_pruning"][0].n_edges
-    if "eap" in methods:
-        t = time.perf_counter()
-        scores = eap(model, task.data, ablation=ablation, progress=progress)
-        k = k or max(1, int(round((1 - min(target, 1.0)) * scores.graph.n_edges)))
-        found["eap"] = (scores.circuit(k=k), time.perf_counter() - t)
-    if "acdc" in methods:
-        t = time.perf_counter()
-        found["acdc"] = (acdc(model, task.data, acdc_threshold, ablation=ablation, progress=progress), time.perf_counter() - t)
-    if "hap" in methods:
-        t = time.perf_counter()
-        found["hap"] = (hap(model, task.data, target, keep=0.5, **settings).circuit(), time.perf_counter() - t)
-    for name, (circuit, seconds) in found.items():
-        metrics = circuit.evaluate(model, task.data, ablation=ablation)
-        rows.append({"method": name, "edges": circuit.n_edges, "kl": metrics["kl"], "exact_match": metrics["exact_match"],
-                     "seconds": seconds, "canonical": False})
-        figures.append(plot_circuit(circuit, title=f"{name}: {circuit.n_edges} edges"))
-        os.makedirs(out, exist_ok=True)
-        circuit.to_json(os.path.join(out, f"{name}_circuit.json"))
+    settings = dict(target_sparsity=target, steps=steps, sparsity_warmup=max(1, int(steps * 0.8)),
+                    lr_warmup=min(200, steps // 10), ablation=ablation, seed=seed, progress=progress)
+    graph_edges = Graph.from_model(model).n_edges
+    eap_edges = max(1, int(round((1 - min(target, 1.0)) * graph_edges)))
+    circuits, _, _ = run_methods(model, task.data, methods, settings, ablation, acdc_threshold, "kl", eap_edges,
+                                 progress)
+    rows = report_rows(model, task.data, circuits, ablation, "kl", canonical=None)
     os.makedirs(out, exist_ok=True)
-    write_report(os.path.join(out, "report.html"), os.path.basename(os.path.abspath(model_dir)), rows, "kl", figures)
+    for name, (circuit, _) in circuits.items():
+        circuit.to_json(os.path.join(out, f"{name}_circuit.json"))
+    figures = [plot_circuit(c, title=f"{name}: {c.n_edges} edges") for name, (c, _) in circuits.items()]
+    title = f"tl_edgeprune: {os.path.basename(os.path.abspath(model_dir))} on {os.path.basename(jsonl)}"
+    write_report(os.path.join(out, "report.html"), title, rows, "kl", figures)
     return rows
 
 
@@ -123,17 +122,14 @@ def format_table(rows: list[dict], key: str) -> str:
     return "\n".join(lines)
 
 
-def write_report(path: str, task_name: str, rows: list[dict], key: str, figures: list) -> None:
-    """One self-contained HTML file (plotly.js inlined once, so it opens offline)."""
+def write_report(path: str, title: str, rows: list[dict], key: str, figures: list) -> None:
+    """One self-contained HTML file (plotly.js inlined once, so it opens offline), written atomically."""
     parts = [f.to_html(full_html=False, include_plotlyjs=(i == 0)) for i, f in enumerate(figures)]
     table = format_table(rows, key).replace("&", "&amp;").replace("<", "&lt;")
-    html = (f"<!doctype html><html><head><meta charset='utf-8'><title>tl_edgeprune demo: {task_name}</title></head>"
-            f"<body><h1>tl_edgeprune demo: Tracr {task_name}</h1><pre id='results'>{table}</pre>"
+    html = (f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title></head>"
+            f"<body><h1>{title}</h1><pre id='results'>{table}</pre>"
             + "".join(f"<div class='figure'>{p}</div>" for p in parts) + "</body></html>")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(html)
-    os.replace(tmp, path)
+    _atomic_write(path, lambda f: f.write(html), text=True)
 
 
 def main(argv: list[str] | None = None) -> int:

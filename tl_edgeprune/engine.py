@@ -70,6 +70,7 @@ class MaskedModel:
         self.graph = graph
         self.check_identity = check_identity
         self._run: _Run | None = None
+        self._valid: dict[tuple, torch.Tensor] = {}  # validity mask per (device, dtype), built once
         self._stack: contextlib.ExitStack | None = None
         self._expected_firings = self._expected_hook_keys()
 
@@ -219,7 +220,9 @@ class MaskedModel:
     ) -> Float[torch.Tensor, "writer reader"]:
         """(1 − z_edge·z_node) on valid edges, 0 elsewhere, in the model's dtype."""
         dtype, device = self.adapter.dtype, self.device
-        valid = self.graph.valid_mask(device=device).to(dtype)
+        valid = self._valid.get((device, dtype))
+        if valid is None:
+            valid = self._valid[(device, dtype)] = self.graph.valid_mask(device=device).to(dtype)
         keep = None
         if edge_mask is not None:
             keep = _check_mask(edge_mask, self.graph.shape, "edge_mask", device).to(dtype)

@@ -87,3 +87,18 @@ def test_jsonl_loader_and_its_errors(tmp_path):
     path.write_text("{not json\n")
     with pytest.raises(tep.EdgePruneError, match="not valid JSON"):
         tasks.from_jsonl(tok, str(path))
+
+
+def test_prompts_of_different_lengths_are_right_padded_and_scored_at_their_last_token(tmp_path):
+    tok = tokenizer()
+    rows = [{"clean": "When Mary and John went to the store, John gave a drink to",
+             "corrupted": "When Amy and Tom went to the store, Tom gave a drink to", "answer": " Mary", "distractor": " John"},
+            {"clean": "So Mary is a really great friend", "corrupted": "So Tom is a really great friend",
+             "answer": " she", "distractor": " he"}]
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    data = tasks.from_jsonl(tok, str(path)).data
+    lengths = [1 + len(tok(r["clean"], add_special_tokens=False)["input_ids"]) for r in rows]
+    assert data.attention_mask.sum(1).tolist() == lengths and data.clean.shape[1] == max(lengths)
+    assert data.positions.nonzero()[:, 1].tolist() == [n - 1 for n in lengths]
+    assert int(data.clean[1, -1]) == tok.pad_token_id

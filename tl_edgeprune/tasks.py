@@ -50,7 +50,8 @@ def single_token(tokenizer: Any, word: str) -> int | None:
     return None
 
 
-def _tokenise_pairs(tokenizer: Any, clean: list[str], corrupted: list[str], prepend_bos: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _tokenise_pairs(tokenizer: Any, clean: list[str], corrupted: list[str], prepend_bos: bool) -> tuple[list, list]:
+    """Token ids per prompt; each clean/corrupted pair must have the same length so positions align."""
     bos = [tokenizer.bos_token_id] if prepend_bos and tokenizer.bos_token_id is not None else []
     rows_c, rows_x = [], []
     for i, (c, x) in enumerate(zip(clean, corrupted)):
@@ -62,28 +63,19 @@ def _tokenise_pairs(tokenizer: Any, clean: list[str], corrupted: list[str], prep
             )
         rows_c.append(ci)
         rows_x.append(xi)
-    if len({len(r) for r in rows_c}) != 1:
-        # Right-pad to one width; the attention mask marks real tokens.
-        raise _Ragged(rows_c, rows_x)
-    return torch.tensor(rows_c), torch.tensor(rows_x)
-
-
-class _Ragged(Exception):
-    def __init__(self, clean, corrupted):
-        self.clean, self.corrupted = clean, corrupted
+    return rows_c, rows_x
 
 
 def _bundle(tokenizer, clean, corrupted, answers, distractors, prepend_bos, token_subset=None) -> PairedData:
-    try:
-        c, x = _tokenise_pairs(tokenizer, clean, corrupted, prepend_bos)
-        mask = None
-    except _Ragged as ragged:
-        width = max(len(r) for r in ragged.clean)
+    rows_c, rows_x = _tokenise_pairs(tokenizer, clean, corrupted, prepend_bos)
+    width = max(len(r) for r in rows_c)
+    mask = None
+    if any(len(r) != width for r in rows_c):  # right-pad to one width; the attention mask marks real tokens
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        c = torch.tensor([r + [pad] * (width - len(r)) for r in ragged.clean])
-        x = torch.tensor([r + [pad] * (width - len(r)) for r in ragged.corrupted])
-        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in ragged.clean])
-    return paired_data(c, x, positions="last", attention_mask=mask,
+        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows_c])
+        rows_c = [r + [pad] * (width - len(r)) for r in rows_c]
+        rows_x = [r + [pad] * (width - len(r)) for r in rows_x]
+    return paired_data(torch.tensor(rows_c), torch.tensor(rows_x), positions="last", attention_mask=mask,
                        answers=None if answers is None else torch.tensor(answers),
                        distractors=None if distractors is None else torch.tensor(distractors), token_subset=token_subset)
 

@@ -15,16 +15,22 @@ import torch
 GPT2_SMALL = dict(n_layers=12, d_model=768, n_heads=12, d_head=64, d_mlp=3072, d_vocab=50257, n_ctx=1024)
 
 
+def gpt2_hooked_transformer(seed: int = 0, **overrides):
+    """The GPT-2-small-shaped random HookedTransformer (transformer-lens < 4); no tl_edgeprune import, so the
+    auto-circuit venv builds the very same model."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    cfg = HookedTransformerConfig(act_fn="gelu_new", normalization_type="LN", seed=seed, **{**GPT2_SMALL, **overrides})
+    return HookedTransformer(cfg).eval()
+
+
 def gpt2_small_model(seed: int = 0, **overrides):
     """A randomly initialised GPT-2-small-shaped model: HookedTransformer where it exists, else a bridge."""
     from tl_edgeprune.adapter import hooked_transformer_class
 
     shape = {**GPT2_SMALL, **overrides}
     if hooked_transformer_class() is not None:
-        from transformer_lens import HookedTransformer, HookedTransformerConfig
-
-        cfg = HookedTransformerConfig(act_fn="gelu_new", normalization_type="LN", seed=seed, **shape)
-        return HookedTransformer(cfg).eval()
+        return gpt2_hooked_transformer(seed, **overrides)
     import transformers
 
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import tl_edgeprune as tep
+from tl_edgeprune.adapter import ModelAdapter
 
 from .conftest import MODEL_IDS, make_model
 from .reference import eap_scores, patch_one_edge, writer_cache_names, writer_output
@@ -58,6 +59,26 @@ def test_all_ones_is_bit_exact_on_hooked_transformer(model_id, tokens):
     with tep.masked(model) as mm:
         out = mm(clean, mm.interchange(corrupted), mm.graph.ones())
     assert torch.equal(out, reference)
+
+
+def test_full_logits_and_writer_outputs_run_the_plain_forward(any_model, tokens):
+    """Forwards that read no reader inputs skip TL's split-q/k/v path: full_logits is model(tokens) bit for bit,
+    writer_outputs equals plain TL's cache, and only writer hooks fire (the firing check would raise otherwise)."""
+    clean, corrupted = tokens
+    reference = any_model(clean)
+    flags = ModelAdapter(any_model).flag_state()
+    names = writer_cache_names(any_model)
+    _, cache = any_model.run_with_cache(clean, names_filter=lambda n: n in names)
+    with tep.masked(any_model) as mm:
+        full = mm.full_logits(clean)
+        ys = mm.writer_outputs(clean)
+        assert ModelAdapter(any_model).flag_state()["use_split_qkv_input"]  # engine flags came back
+        ones = mm(clean, mm.interchange(corrupted), mm.graph.ones())  # and the masked forward still works
+    assert torch.equal(full, reference)
+    for w, writer in enumerate(mm.graph.writers):
+        torch.testing.assert_close(ys[w], writer_output(any_model, cache, writer).expand_as(ys[w]), atol=ATOL, rtol=0)
+    torch.testing.assert_close(ones, reference, atol=ATOL, rtol=0)
+    assert ModelAdapter(any_model).flag_state() == flags
 
 
 @pytest.mark.parametrize("model_id", MODEL_IDS)

@@ -50,7 +50,7 @@ def acdc(
         for batch in data.batches(batch_size):
             batch = batch.to(mm.device)
             cf = source(batch)
-            batches.append((batch, cf, mm(batch.clean, cf, attention_mask=batch.attention_mask)))
+            batches.append((batch, cf, mm.full_logits(batch.clean, batch.attention_mask)))
 
         def score(mask: torch.Tensor) -> float:
             total = 0.0

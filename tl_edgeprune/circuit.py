@@ -230,7 +230,7 @@ def evaluate_mask(
     with torch.no_grad():
         for batch in data.batches(batch_size):
             cf = source(batch)
-            full = mm(batch.clean, cf, attention_mask=batch.attention_mask)
+            full = mm.full_logits(batch.clean, batch.attention_mask)
             circuit = mm(batch.clean, cf, mask, attention_mask=batch.attention_mask)
             batch = batch.to(circuit.device)
             values = {

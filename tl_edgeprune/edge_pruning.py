@@ -232,8 +232,8 @@ def edge_pruning(
                 batch = _shard(batch, rank, world)
             batch = batch.to(device)
             cf = source(batch)
-            with torch.no_grad():
-                full = mm(batch.clean, cf, attention_mask=batch.attention_mask)
+            with torch.no_grad():  # the target: the unmasked model, by its own (cheaper) forward
+                full = mm.full_logits(batch.clean, batch.attention_mask)
             z = edge_gates.sample(gen) * trainable_f
             nodes = node_gates.sample(gen) if node_gates is not None else None
             logits = mm(batch.clean, cf, z, nodes, attention_mask=batch.attention_mask)

@@ -40,6 +40,7 @@ class _Run:
         self.fired: Counter = Counter()
         self.reader_inputs: dict[int, torch.Tensor] | None = {} if capture_readers else None
         self.fixed_deltas = False  # deltas given from outside: writers are not re-read (EAP-IG)
+        self.plain = False  # run with the model's own flags: no per-head q/k/v inputs, only writers fire
 
 
 class MaskedModel:
@@ -72,7 +73,9 @@ class MaskedModel:
         self._run: _Run | None = None
         self._valid: dict[tuple, torch.Tensor] = {}  # validity mask per (device, dtype), built once
         self._stack: contextlib.ExitStack | None = None
+        self._user_flags: dict[str, Any] = {}
         self._expected_firings = self._expected_hook_keys()
+        self._expected_writer_firings = Counter({k: n for k, n in self._expected_firings.items() if k[0] == "w"})
 
     # ------------------------------------------------------------------ context
     def __enter__(self) -> "MaskedModel":
@@ -80,9 +83,9 @@ class MaskedModel:
             raise EdgePruneError("this MaskedModel is already active; do not nest `with` on the same object")
         stack = contextlib.ExitStack()
         try:
-            flags = self.adapter.flag_state()
+            flags = self._user_flags = self.adapter.flag_state()
             stack.callback(self.adapter.restore_flags, flags)  # runs last, after the hooks are gone
-            self.adapter.enable_flags(need_mlp_in=not self.graph.spec.attn_only)
+            self._enable_flags()
             stack.enter_context(self.adapter.hooks(self._hook_list()))
             if self.check_identity:
                 self._check_residual_identity()
@@ -205,13 +208,35 @@ class MaskedModel:
     def writer_outputs(
         self, tokens: Int[torch.Tensor, "batch pos"], attention_mask: Int[torch.Tensor, "batch pos"] | None = None
     ) -> Float[torch.Tensor, "writer batch pos d_model"]:
-        """Every writer's output on an unmasked forward, without gradients."""
+        """Every writer's output on an unmasked forward, without gradients.
+
+        Only writers are read, so this runs the model's plain forward (no per-head q/k/v inputs): it costs
+        what ``model(tokens)`` costs, not what a masked forward does.
+        """
         self._require_active()
         tokens = self._check_tokens(tokens, "tokens")
+        attention_mask = self._check_attention_mask(attention_mask, tokens)
         run = _Run("capture", len(self.graph.writer_chunks))
+        run.plain = True
         with torch.no_grad():
             self._execute(run, tokens, attention_mask)
         return run.buffer.values
+
+    def full_logits(
+        self, tokens: Int[torch.Tensor, "batch pos"], attention_mask: Int[torch.Tensor, "batch pos"] | None = None
+    ) -> Float[torch.Tensor, "batch pos vocab"]:
+        """The unmasked model's logits (the target of Edge Pruning's objective), by the model's own forward.
+
+        Bit-identical to ``model(tokens)`` outside the context, and as cheap: the hooks stay inert and the
+        per-head q/k/v flags are off for this call.
+        """
+        self._require_active()
+        tokens = self._check_tokens(tokens, "tokens")
+        attention_mask = self._check_attention_mask(attention_mask, tokens)
+        if self._run is not None:
+            raise EdgePruneError("a masked forward is already running (re-entrant call from inside a hook?)")
+        with self._plain_flags():
+            return self.adapter.forward(tokens, attention_mask)
 
     def removal_matrix(
         self,
@@ -234,12 +259,26 @@ class MaskedModel:
         return valid * (1 - keep)
 
     # ------------------------------------------------------------------ running
+    def _enable_flags(self) -> None:
+        self.adapter.enable_flags(need_mlp_in=not self.graph.spec.attn_only)
+
+    @contextlib.contextmanager
+    def _plain_flags(self):
+        """The user's own flags for one forward that reads no residual-stream inputs (TL's split-q/k/v path
+        repeats the residual per head and costs ~1.9x a plain forward); the engine's flags come back after."""
+        self.adapter.restore_flags(self._user_flags)
+        try:
+            yield
+        finally:
+            self._enable_flags()
+
     def _execute(self, run: _Run, tokens: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         if self._run is not None:
             raise EdgePruneError("a masked forward is already running (re-entrant call from inside a hook?)")
         self._run = run
         try:
-            logits = self.adapter.forward(tokens, attention_mask)
+            with self._plain_flags() if run.plain else contextlib.nullcontext():
+                logits = self.adapter.forward(tokens, attention_mask)
         finally:
             self._run = None
         self._check_firings(run)
@@ -255,11 +294,12 @@ class MaskedModel:
         return keys
 
     def _check_firings(self, run: _Run) -> None:
-        if run.fired == self._expected_firings:
+        expected = self._expected_writer_firings if run.plain else self._expected_firings
+        if run.fired == expected:
             return
         names = {key: name for name, key in self._hook_keys()}
         problems = []
-        for key, want in self._expected_firings.items():
+        for key, want in expected.items():
             got = run.fired.get(key, 0)
             if got != want:
                 problems.append(f"{names[key]} fired {got} times (expected {want})")
@@ -339,7 +379,7 @@ class MaskedModel:
 
         def hook(activation: torch.Tensor, hook: Any) -> torch.Tensor | None:
             run = self._run
-            if run is None:
+            if run is None or run.plain:  # plain runs only read writers (the user may have split q/k/v on)
                 return None
             run.fired[key] += 1
             if run.mode == "capture":

@@ -1,10 +1,14 @@
-"""Masked forward+backward ÷ plain forward+backward of the same model (time and peak memory).
+"""Masked Edge Pruning step ÷ plain TransformerLens forward+backward of the same model (time and peak memory).
 
-GPT-2-small-shaped random model, batch 32, seq 20 (change with --batch/--seq). Run:
-    python benchmarks/engine.py [--repeats 5]
-Plain: model(tokens) then backward of a loss into the model's parameters (a standard training step).
-Masked: the engine with interchange ablation, edge masks requiring grad, parameters frozen (what Edge
-Pruning does); also reported with parameters requiring grad, to compare like with like.
+    python benchmarks/engine.py [--model gpt2-shape|smollm2] [--batch 32] [--seq 20] [--repeats 5]
+
+Plain: model(tokens), a loss at the last position, backward into the model's parameters (a training step).
+Edge Pruning step, core: sample hard-concrete edge and node masks, masked forward (interchange ablation,
+ỹ and the full model's logits precomputed for the batch), KL + Lagrangian sparsity terms, backward into the
+masks (weights frozen), gradient clipping, AdamW. This is what auto-circuit's learned-mask step does too
+(benchmarks/peers.py). Edge Pruning step, real loop: the median per-step time of ``tep.edge_pruning`` itself,
+which also runs the corrupted forward (ỹ) and the full model's forward (target) of every new batch.
+Also printed: masked forward+backward with and without weight gradients, and TL's split-q/k/v flag alone.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import argparse
 import json
 import os
 import sys
+import time
 
 import torch
 
@@ -20,103 +25,174 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from benchmarks.common import allocator_env, fmt_stats, gpt2_small_model, in_subprocess, peak_rss_bytes, reset_peak_rss, timed  # noqa: E402
 
 import tl_edgeprune as tep  # noqa: E402
+from tl_edgeprune.data import paired_data  # noqa: E402
+from tl_edgeprune.edge_pruning import frozen_parameters  # noqa: E402
+from tl_edgeprune.hard_concrete import HardConcrete  # noqa: E402
+from tl_edgeprune.metrics import kl_divergence  # noqa: E402
+
+
+def load_model(name: str):
+    if name == "smollm2":
+        from benchmarks.smollm2 import load_smollm2
+
+        return load_smollm2()[0]
+    torch.manual_seed(0)
+    return gpt2_small_model()
 
 
 def loss_of(logits):
     return -logits[:, -1].log_softmax(-1).mean()
 
 
-def make_steps(model, batch, seq):
+def make_batch(model, batch: int, seq: int):
     gen = torch.Generator().manual_seed(0)
     clean = torch.randint(0, model.cfg.d_vocab, (batch, seq), generator=gen)
     corrupted = torch.randint(0, model.cfg.d_vocab, (batch, seq), generator=gen)
+    return clean, corrupted
 
-    def plain():
+
+def plain_step(model, clean):
+    def step():
         model.zero_grad(set_to_none=True)
         loss_of(model(clean)).backward()
 
-    def masked_step(mm, cf, z):
-        def step():
+    return step
+
+
+def edge_pruning_step(mm, clean, corrupted, target_sparsity: float = 0.5):
+    """One core Edge Pruning step, from the library's own pieces (as in tl_edgeprune/edge_pruning.py)."""
+    graph = mm.graph
+    data = paired_data(clean, corrupted, positions="last")
+    cf = mm.interchange(corrupted)
+    with torch.no_grad():
+        full = mm.full_logits(clean)
+    gen = torch.Generator().manual_seed(0)
+    edges, nodes = HardConcrete(graph.shape, gen), HardConcrete((graph.n_writers,), gen)
+    lambdas = torch.nn.Parameter(torch.zeros(2))
+    valid = graph.valid_mask().float()
+    params = [edges.log_alpha, nodes.log_alpha, lambdas]
+    optimizer = torch.optim.AdamW(params, lr=0.1, weight_decay=0.0)
+
+    def step():
+        z = edges.sample(gen) * valid
+        logits = mm(clean, cf, z, nodes.sample(gen))
+        gap = 1 - (edges.prob_nonzero() * valid).sum() / graph.n_edges - target_sparsity
+        loss = kl_divergence(logits, full, data) + lambdas[0] * gap + lambdas[1] * gap**2
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        lambdas.grad.neg_()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+
+    return step
+
+
+def loop_step_seconds(model, clean, corrupted, steps: int) -> dict:
+    """Per-step wall time of tep.edge_pruning (interchange: corrupted + full + masked forwards each step)."""
+    stamps = []
+    data = paired_data(clean, corrupted, positions="last")
+    tep.edge_pruning(model, data, 0.5, steps=steps, batch_size=len(clean), progress=False,
+                     callback=lambda step, row: stamps.append(time.perf_counter()))
+    times = [b - a for a, b in zip(stamps, stamps[1:])][1:]  # drop the first interval (warm-up)
+    times.sort()
+    return {"min": times[0], "median": times[len(times) // 2], "max": times[-1], "n": len(times)}
+
+
+def measure_memory(args) -> dict:
+    """Peak RSS growth of one step, in a fresh process (so the peaks of the variants do not mix)."""
+    model = load_model(args.model)
+    clean, corrupted = make_batch(model, args.batch, args.seq)
+    if args.memory_only == "plain":
+        base = reset_peak_rss()
+        plain_step(model, clean)()
+        return {"peak_bytes": peak_rss_bytes() - base}
+    with frozen_parameters(model), tep.masked(model, input_nodes=args.input_nodes) as mm:
+        step = edge_pruning_step(mm, clean, corrupted)
+        base = reset_peak_rss()
+        step()
+        return {"peak_bytes": peak_rss_bytes() - base}
+
+
+def measure(args) -> dict:
+    model = load_model(args.model)
+    clean, corrupted = make_batch(model, args.batch, args.seq)
+    out = {"model": args.model, "class": type(model).__name__, "batch": args.batch, "seq": args.seq,
+           "torch": torch.__version__, "threads": torch.get_num_threads(), "allocator": allocator_env()}
+    out["plain"] = timed(plain_step(model, clean), args.repeats)
+    with frozen_parameters(model), tep.masked(model, input_nodes=args.input_nodes) as mm:
+        out["graph"] = str(mm.graph)
+        out["ep_step"] = timed(edge_pruning_step(mm, clean, corrupted), args.repeats)
+    if args.only_step:
+        return out
+    out["ep_loop_step"] = loop_step_seconds(model, clean, corrupted, steps=args.repeats + 2)
+    if hasattr(model, "set_use_split_qkv_input"):  # TL's own cost of per-head q/k/v inputs, without our hooks
+        model.set_use_split_qkv_input(True)
+        model.set_use_hook_mlp_in(True)
+        try:
+            out["split_flag"] = timed(plain_step(model, clean), args.repeats)
+        finally:
+            model.set_use_split_qkv_input(False)
+            model.set_use_hook_mlp_in(False)
+    with tep.masked(model, input_nodes=args.input_nodes) as mm:
+        cf = mm.interchange(corrupted)
+        z = mm.graph.ones().requires_grad_(True)
+
+        def masked():
             z.grad = None
             model.zero_grad(set_to_none=True)
             loss_of(mm(clean, cf, z)).backward()
 
-        return step
+        out["masked_params"] = timed(masked, args.repeats)
+        with frozen_parameters(model):
+            out["masked_frozen"] = timed(masked, args.repeats)
+    return out
 
-    return clean, corrupted, plain, masked_step
 
-
-def measure_memory(which: str, batch: int, seq: int) -> dict:
-    """Peak RSS growth of one step, in a fresh process (so the peaks of the two variants do not mix)."""
-    torch.manual_seed(0)
-    model = gpt2_small_model()
-    clean, corrupted, plain, masked_step = make_steps(model, batch, seq)
-    if which == "plain":
-        base = reset_peak_rss()
-        plain()
-        return {"peak_bytes": peak_rss_bytes() - base}
-    for p in model.parameters():
-        p.requires_grad_(False)
-    with tep.masked(model) as mm:
-        cf = mm.interchange(corrupted)
-        z = mm.graph.ones().requires_grad_(True)
-        base = reset_peak_rss()
-        masked_step(mm, cf, z)()
-        return {"peak_bytes": peak_rss_bytes() - base}
+def report(r: dict) -> None:
+    plain = r["plain"]["median"]
+    print(f"model: {r['model']} ({r['class']}), batch {r['batch']}, seq {r['seq']}, torch {r['torch']}, "
+          f"{r['threads']} threads, allocator: {r['allocator']}")
+    print(f"graph: {r['graph']}")
+    rows = [("plain fwd+bwd (param grads)", "plain"),
+            ("Edge Pruning step, core (fwd+bwd+AdamW)", "ep_step"),
+            ("Edge Pruning step, real loop", "ep_loop_step"),
+            ("masked fwd+bwd (mask grads, frozen)", "masked_frozen"),
+            ("masked fwd+bwd (mask + param grads)", "masked_params"),
+            ("TL split-q/k/v flag only, no hooks", "split_flag")]
+    for label, key in rows:
+        if key in r:
+            print(f"{label:<42}: {fmt_stats(r[key])}")
+    for label, key in rows[1:]:
+        if key in r:
+            print(f"RATIO {label} / plain fwd+bwd: {r[key]['median'] / plain:.2f}x (medians)")
+    if "peak_plain" in r:
+        print(f"peak memory of one step: plain {r['peak_plain'] / 2**20:.0f} MiB, Edge Pruning step "
+              f"{r['peak_ep'] / 2**20:.0f} MiB")
+        print(f"RATIO peak memory Edge Pruning step / plain: {r['peak_ep'] / r['peak_plain']:.2f}x")
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=["gpt2-shape", "smollm2"], default="gpt2-shape")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seq", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--input-nodes", choices=["separate", "merged"], default="separate")
+    ap.add_argument("--json", action="store_true", help="print one JSON line instead of the report")
+    ap.add_argument("--only-step", action="store_true", help="plain and core step only (for benchmarks/peers.py)")
+    ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--memory-only", choices=["plain", "masked"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.memory_only:
-        print(json.dumps(measure_memory(args.memory_only, args.batch, args.seq)))
+        print(json.dumps(measure_memory(args)))
         return
-
-    torch.manual_seed(0)
-    model = gpt2_small_model()
-    clean, corrupted, plain, masked_step = make_steps(model, args.batch, args.seq)
-    print(f"model: GPT-2-small shape ({type(model).__name__}), batch {args.batch}, seq {args.seq}, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, allocator: {allocator_env()}")
-    t_plain = timed(plain, args.repeats)
-    # TransformerLens's own cost of per-head q/k/v inputs, without any of our hooks.
-    model.set_use_split_qkv_input(True)
-    model.set_use_hook_mlp_in(True)
-    try:
-        t_split = timed(plain, args.repeats)
-    finally:
-        model.set_use_split_qkv_input(False)
-        model.set_use_hook_mlp_in(False)
-    with tep.masked(model) as mm:
-        cf = mm.interchange(corrupted)
-        print(f"graph: {mm.graph}")
-        z = mm.graph.ones().requires_grad_(True)
-        t_masked_params = timed(masked_step(mm, cf, z), args.repeats)
-        flags = [p.requires_grad for p in model.parameters()]
-        for p in model.parameters():
-            p.requires_grad_(False)
-        try:
-            t_masked = timed(masked_step(mm, cf, z), args.repeats)
-        finally:
-            for p, f in zip(model.parameters(), flags):
-                p.requires_grad_(f)
-    script = os.path.abspath(__file__)
-    extra = ["--batch", str(args.batch), "--seq", str(args.seq), "--memory-only"]
-    m_plain = in_subprocess(script, *extra, "plain")["peak_bytes"]
-    m_masked = in_subprocess(script, *extra, "masked")["peak_bytes"]
-
-    print(f"plain fwd+bwd (param grads)          : {fmt_stats(t_plain)}")
-    print(f"TL split-q/k/v flag only, no hooks   : {fmt_stats(t_split)}")
-    print(f"masked fwd+bwd (mask grads, frozen)  : {fmt_stats(t_masked)}")
-    print(f"masked fwd+bwd (mask + param grads)  : {fmt_stats(t_masked_params)}")
-    print(f"RATIO time  masked(frozen) / plain   : {t_masked['median'] / t_plain['median']:.2f}x (medians)")
-    print(f"RATIO time  masked(+params) / plain  : {t_masked_params['median'] / t_plain['median']:.2f}x (medians)")
-    print(f"RATIO time  TL split flag / plain    : {t_split['median'] / t_plain['median']:.2f}x (medians)")
-    print(f"peak memory of one step: plain {m_plain / 2**20:.0f} MiB, masked {m_masked / 2**20:.0f} MiB")
-    print(f"RATIO peak memory masked / plain     : {m_masked / m_plain:.2f}x")
+    r = measure(args)
+    if not (args.no_memory or args.only_step):
+        extra = ["--model", args.model, "--batch", str(args.batch), "--seq", str(args.seq),
+                 "--input-nodes", args.input_nodes, "--memory-only"]
+        r["peak_plain"] = in_subprocess(os.path.abspath(__file__), *extra, "plain")["peak_bytes"]
+        r["peak_ep"] = in_subprocess(os.path.abspath(__file__), *extra, "masked")["peak_bytes"]
+    print(json.dumps(r)) if args.json else report(r)
 
 
 if __name__ == "__main__":

@@ -70,16 +70,18 @@ def main() -> None:
     pmodel = patchable_model(model, factorized=True, slice_output="last_seq", separate_qkv=True, device=torch.device("cpu"))
     out["edges"] = len(pmodel.edges)
     patch_src_outs = src_ablations(pmodel, corrupted, AblationType.RESAMPLE)
-    with train_mask_mode(pmodel) as masks, mask_fn_mode(pmodel, "hard_concrete"), patch_mode(pmodel, patch_src_outs):
+    with train_mask_mode(pmodel) as masks, mask_fn_mode(pmodel, "hard_concrete"):
         for m in masks.values():  # start near "keep": auto-circuit's mask 0 means clean (it patches at 1)
             torch.nn.init.constant_(m, -3.0)
         optimizer = torch.optim.Adam(list(masks.values()), lr=0.01)
 
         def step():
             optimizer.zero_grad(set_to_none=True)
-            logits = pmodel(clean)[pmodel.out_slice]
-            loss = -logits.log_softmax(-1).mean() + 1e-4 * sum(torch.sigmoid(m).sum() for m in masks.values())
-            loss.backward()
+            # patch_mode per step, as auto-circuit's own loops do: its shared curr_src_outs joins each step's graph
+            with patch_mode(pmodel, patch_src_outs):
+                logits = pmodel(clean)[pmodel.out_slice]
+                loss = -logits.log_softmax(-1).mean() + 1e-4 * sum(torch.sigmoid(m).sum() for m in masks.values())
+                loss.backward()
             optimizer.step()
 
         base = reset_peak_rss()

@@ -187,3 +187,31 @@ def test_use_outside_the_context_is_an_error(tokens):
     mm = tep.masked(model)
     with pytest.raises(tep.EdgePruneError, match="inside `with"):
         mm(tokens[0], mm.zero())
+
+
+def test_buffer_storage_is_reused_only_once_its_graph_is_gone(tokens):
+    """The pooled writer buffer: the next step reuses it after backward, but a live graph keeps its own copy,
+    and its gradients stay right when another forward runs before its backward."""
+    model = make_model("hooked-gpt2" if HAS_HOOKED else "bridge-gpt2")
+    clean, corrupted = tokens
+    with tep.masked(model) as mm:
+        cf = mm.interchange(corrupted)
+        z = torch.full(mm.graph.shape, 0.7, requires_grad=True)
+
+        def grad_alone():
+            z.grad = None
+            mm(clean, cf, z).square().mean().backward()
+            return z.grad.clone()
+
+        reference = grad_alone()
+        slots = lambda: [entry[0][0].data_ptr() for entry in mm._pool._slots.values()]  # noqa: E731
+        first = slots()
+        torch.testing.assert_close(grad_alone(), reference, atol=0, rtol=0)
+        assert slots() == first  # reused after the graph was freed
+        z.grad = None
+        held = mm(clean, cf, z).square().mean()  # graph alive: its buffer is still in use
+        other = mm(clean, cf, z.detach() * 0.5).square().mean()  # must get fresh storage
+        assert slots() != first
+        held.backward()
+        torch.testing.assert_close(z.grad, reference, atol=0, rtol=0)
+        assert float(other) != float(held)

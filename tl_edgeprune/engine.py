@@ -20,7 +20,7 @@ from .adapter import ModelAdapter, post_norm_message
 from .counterfactual import Counterfactual
 from .errors import EdgePruneError, HookFiringError, UnsupportedModelError
 from .graph import Graph, GraphSpec, InputNodes, ReaderGroup, WriterChunk
-from .mixing import DeltaBuffer, mix, write
+from .mixing import BufferPool, DeltaBuffer, mix, write
 
 # Relative tolerance of the attach-time check that the residual stream is the sum of the writers.
 IDENTITY_TOL = {torch.float64: 1e-9, torch.float32: 1e-4}
@@ -74,6 +74,7 @@ class MaskedModel:
         self._valid: dict[tuple, torch.Tensor] = {}  # validity mask per (device, dtype), built once
         self._stack: contextlib.ExitStack | None = None
         self._user_flags: dict[str, Any] = {}
+        self._pool = BufferPool()
         self._expected_firings = self._expected_hook_keys()
         self._expected_writer_firings = Counter({k: n for k, n in self._expected_firings.items() if k[0] == "w"})
 
@@ -99,6 +100,7 @@ class MaskedModel:
     def __exit__(self, *exc_info) -> None:
         stack, self._stack = self._stack, None
         self._run = None
+        self._pool.clear()
         if stack is not None:
             stack.close()
 
@@ -363,7 +365,10 @@ class MaskedModel:
             if run.fixed_deltas:
                 return None
             if run.buffer is None:
-                run.buffer = DeltaBuffer(self.graph.n_writers, y.shape[1:], y.dtype, y.device)
+                if run.mode == "mix":  # capture buffers are handed to the caller: never reused
+                    run.buffer = self._pool.buffer(self.graph.n_writers, y.shape[1:], y.dtype, y.device)
+                else:
+                    run.buffer = DeltaBuffer(self.graph.n_writers, y.shape[1:], y.dtype, y.device)
             cf = None
             if run.mode == "mix" and run.cf_values is not None:
                 cf = run.cf_values[chunk.start : chunk.stop]

@@ -10,6 +10,7 @@ are accumulated in place into one buffer of the same size, instead of one tempor
 
 from __future__ import annotations
 
+import weakref
 from typing import Sequence
 
 import torch
@@ -19,9 +20,16 @@ from torch.autograd import Function
 class DeltaBuffer:
     """``y − ỹ`` of every writer in one forward (and, during backward, its gradient)."""
 
-    def __init__(self, n_writers: int, shape: Sequence[int], dtype: torch.dtype, device: torch.device):
+    def __init__(self, n_writers: int, shape: Sequence[int], dtype: torch.dtype, device: torch.device,
+                 slot: list | None = None):
         self.shape = tuple(shape)  # (batch, pos, d_model)
-        self.values = torch.empty((n_writers, *self.shape), dtype=dtype, device=device)
+        self.slot = slot  # [values, grad] storage lent by a BufferPool, or None
+        if slot is not None and slot[0] is not None:
+            self.values = slot[0]
+        else:
+            self.values = torch.empty((n_writers, *self.shape), dtype=dtype, device=device)
+            if slot is not None:
+                slot[0] = self.values
         self.grad: torch.Tensor | None = None
         self.grad_rows_filled = 0  # rows [0, filled) of grad hold sums; the rest is uninitialised
         self.written = [False] * n_writers
@@ -31,6 +39,7 @@ class DeltaBuffer:
         """A buffer holding given deltas (e.g. clean − corrupted for EAP-IG), not recomputed in the forward."""
         buffer = cls.__new__(cls)
         buffer.shape = tuple(values.shape[1:])
+        buffer.slot = None
         buffer.values = values.contiguous()
         buffer.grad, buffer.grad_rows_filled = None, 0
         buffer.written = [True] * values.shape[0]
@@ -42,7 +51,12 @@ class DeltaBuffer:
     def accumulate_grad(self, stop: int, coef_parts: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> None:
         """grad[:stop] += Σ_parts coef·g, assigning (not adding to zeros) rows no reader has reached yet."""
         if self.grad is None:
-            self.grad = torch.empty_like(self.values)
+            if self.slot is not None and self.slot[1] is not None:
+                self.grad = self.slot[1]
+            else:
+                self.grad = torch.empty_like(self.values)
+                if self.slot is not None:
+                    self.slot[1] = self.grad
         rows = self.grad[:stop].view(stop, -1)
         filled = self.grad_rows_filled
         for i, (c, g) in enumerate(zip(coef_parts, grads)):
@@ -53,6 +67,30 @@ class DeltaBuffer:
             else:
                 rows.addmm_(c, g)
         self.grad_rows_filled = max(filled, stop)
+
+
+class BufferPool:
+    """Lends the same [writer, batch, pos, d_model] storage (and its gradient twin) to successive masked
+    forwards of one shape, once the autograd graph of the previous one is gone. A fresh 300 MB tensor per
+    step page-faults on first touch; on CPU that was a large share of the step's time.
+
+    Only for mixing buffers: their tensors are reachable through the DeltaBuffer alone, so a dead weak
+    reference to it proves nobody can still read or write them.
+    """
+
+    def __init__(self) -> None:
+        self._slots: dict[tuple, tuple[list, weakref.ref]] = {}
+
+    def buffer(self, n_writers: int, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> DeltaBuffer:
+        key = (n_writers, tuple(shape), dtype, torch.device(device))
+        entry = self._slots.get(key)
+        slot = entry[0] if entry is not None and entry[1]() is None else [None, None]  # in use: fresh storage
+        buffer = DeltaBuffer(n_writers, shape, dtype, device, slot=slot)
+        self._slots[key] = (slot, weakref.ref(buffer))
+        return buffer
+
+    def clear(self) -> None:
+        self._slots.clear()
 
 
 class _Write(Function):

@@ -31,13 +31,15 @@ from tl_edgeprune.hard_concrete import HardConcrete  # noqa: E402
 from tl_edgeprune.metrics import kl_divergence  # noqa: E402
 
 
-def load_model(name: str):
+def load_model(name: str, dtype: str = "float32"):
+    dtype = getattr(torch, dtype)
     if name == "smollm2":
         from benchmarks.smollm2 import load_smollm2
 
-        return load_smollm2()[0]
+        return load_smollm2(dtype)[0]
     torch.manual_seed(0)
-    return gpt2_small_model()
+    model = gpt2_small_model()
+    return model if dtype == torch.float32 else model.to(dtype)
 
 
 def loss_of(logits):
@@ -100,7 +102,7 @@ def loop_step_seconds(model, clean, corrupted, steps: int) -> dict:
 
 def measure_memory(args) -> dict:
     """Peak RSS growth of one step, in a fresh process (so the peaks of the variants do not mix)."""
-    model = load_model(args.model)
+    model = load_model(args.model, args.dtype)
     clean, corrupted = make_batch(model, args.batch, args.seq)
     if args.memory_only == "plain":
         base = reset_peak_rss()
@@ -114,9 +116,9 @@ def measure_memory(args) -> dict:
 
 
 def measure(args) -> dict:
-    model = load_model(args.model)
+    model = load_model(args.model, args.dtype)
     clean, corrupted = make_batch(model, args.batch, args.seq)
-    out = {"model": args.model, "class": type(model).__name__, "batch": args.batch, "seq": args.seq,
+    out = {"model": args.model, "dtype": args.dtype, "class": type(model).__name__, "batch": args.batch, "seq": args.seq,
            "torch": torch.__version__, "threads": torch.get_num_threads(), "allocator": allocator_env()}
     out["plain"] = timed(plain_step(model, clean), args.repeats)
     with frozen_parameters(model), tep.masked(model, input_nodes=args.input_nodes) as mm:
@@ -150,7 +152,7 @@ def measure(args) -> dict:
 
 def report(r: dict) -> None:
     plain = r["plain"]["median"]
-    print(f"model: {r['model']} ({r['class']}), batch {r['batch']}, seq {r['seq']}, torch {r['torch']}, "
+    print(f"model: {r['model']} ({r['class']}, {r['dtype']}), batch {r['batch']}, seq {r['seq']}, torch {r['torch']}, "
           f"{r['threads']} threads, allocator: {r['allocator']}")
     print(f"graph: {r['graph']}")
     rows = [("plain fwd+bwd (param grads)", "plain"),
@@ -178,6 +180,7 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--input-nodes", choices=["separate", "merged"], default="separate")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="the model's dtype")
     ap.add_argument("--json", action="store_true", help="print one JSON line instead of the report")
     ap.add_argument("--only-step", action="store_true", help="plain and core step only (for benchmarks/peers.py)")
     ap.add_argument("--no-memory", action="store_true")
@@ -188,7 +191,7 @@ def main() -> None:
         return
     r = measure(args)
     if not (args.no_memory or args.only_step):
-        extra = ["--model", args.model, "--batch", str(args.batch), "--seq", str(args.seq),
+        extra = ["--model", args.model, "--dtype", args.dtype, "--batch", str(args.batch), "--seq", str(args.seq),
                  "--input-nodes", args.input_nodes, "--memory-only"]
         r["peak_plain"] = in_subprocess(os.path.abspath(__file__), *extra, "plain")["peak_bytes"]
         r["peak_ep"] = in_subprocess(os.path.abspath(__file__), *extra, "masked")["peak_bytes"]

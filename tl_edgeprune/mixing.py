@@ -23,13 +23,10 @@ class DeltaBuffer:
     def __init__(self, n_writers: int, shape: Sequence[int], dtype: torch.dtype, device: torch.device,
                  slot: list | None = None):
         self.shape = tuple(shape)  # (batch, pos, d_model)
-        self.slot = slot  # [values, grad] storage lent by a BufferPool, or None
-        if slot is not None and slot[0] is not None:
-            self.values = slot[0]
-        else:
-            self.values = torch.empty((n_writers, *self.shape), dtype=dtype, device=device)
-            if slot is not None:
-                slot[0] = self.values
+        self.slot = [None, None] if slot is None else slot  # [values, grad] storage, filled on first use
+        if self.slot[0] is None:
+            self.slot[0] = torch.empty((n_writers, *self.shape), dtype=dtype, device=device)
+        self.values = self.slot[0]
         self.grad: torch.Tensor | None = None
         self.grad_rows_filled = 0  # rows [0, filled) of grad hold sums; the rest is uninitialised
         self.written = [False] * n_writers
@@ -39,8 +36,8 @@ class DeltaBuffer:
         """A buffer holding given deltas (e.g. clean − corrupted for EAP-IG), not recomputed in the forward."""
         buffer = cls.__new__(cls)
         buffer.shape = tuple(values.shape[1:])
-        buffer.slot = None
         buffer.values = values.contiguous()
+        buffer.slot = [buffer.values, None]
         buffer.grad, buffer.grad_rows_filled = None, 0
         buffer.written = [True] * values.shape[0]
         return buffer
@@ -51,12 +48,9 @@ class DeltaBuffer:
     def accumulate_grad(self, stop: int, coef_parts: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> None:
         """grad[:stop] += Σ_parts coef·g, assigning (not adding to zeros) rows no reader has reached yet."""
         if self.grad is None:
-            if self.slot is not None and self.slot[1] is not None:
-                self.grad = self.slot[1]
-            else:
-                self.grad = torch.empty_like(self.values)
-                if self.slot is not None:
-                    self.slot[1] = self.grad
+            if self.slot[1] is None:
+                self.slot[1] = torch.empty_like(self.values)
+            self.grad = self.slot[1]
         rows = self.grad[:stop].view(stop, -1)
         filled = self.grad_rows_filled
         for i, (c, g) in enumerate(zip(coef_parts, grads)):

@@ -396,15 +396,15 @@ class MaskedModel:
             mix = run.mixes.get(group_index)
             if mix is None:
                 mix = run.mixes[group_index] = self._mix(run, group)
-            part = mix[part_index]
+            part = mix[part_index]  # −Σ_j (1 − z_jr)(y_j − ỹ_j): added, so backward needs no negation pass
             if per_head:
-                return activation - einops.rearrange(part, "reader b p d -> b p reader d")
-            return activation - part[0]
+                return activation + einops.rearrange(part, "reader b p d -> b p reader d")
+            return activation + part.squeeze(0)
 
         return hook
 
     def _mix(self, run: _Run, group: ReaderGroup) -> tuple[torch.Tensor, ...]:
-        """Σ_j (1 − z_jr)(y_j − ỹ_j) for a reader group, one [reader, batch, pos, d_model] per hook.
+        """−Σ_j (1 − z_jr)(y_j − ỹ_j) for a reader group, one [reader, batch, pos, d_model] per hook.
 
         Which writers a group reads comes from the graph (a prefix), never from hook firing order.
         """
@@ -418,7 +418,7 @@ class MaskedModel:
                     f"{self.graph.writers[chunk.start]} ({self._writer_hook_name(chunk)}) fired"
                 )
             tokens.append(run.tokens[ci])
-        coef = run.removal[: group.n_writers, group.start : group.stop]
+        coef = -run.removal[: group.n_writers, group.start : group.stop]  # exact: IEEE negation is lossless
         sizes = tuple(size for _, _, size, _ in self._reader_parts(group))
         return mix(coef, run.buffer, group.n_writers, sizes, tokens)
 

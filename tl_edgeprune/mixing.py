@@ -45,21 +45,20 @@ class DeltaBuffer:
     def rows(self, stop: int) -> torch.Tensor:
         return self.values[:stop].view(stop, -1)
 
-    def accumulate_grad(self, stop: int, coef_parts: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> None:
-        """grad[:stop] += Σ_parts coef·g, assigning (not adding to zeros) rows no reader has reached yet."""
+    def accumulate_grad(self, stop: int, coef: torch.Tensor, grad_out: torch.Tensor) -> None:
+        """grad[:stop] += coef·grad_out, assigning (not adding to zeros) rows no reader has reached yet."""
         if self.grad is None:
             if self.slot[1] is None:
                 self.slot[1] = torch.empty_like(self.values)
             self.grad = self.slot[1]
         rows = self.grad[:stop].view(stop, -1)
         filled = self.grad_rows_filled
-        for i, (c, g) in enumerate(zip(coef_parts, grads)):
-            if i == 0 and filled < stop:
-                if filled:
-                    rows[:filled].addmm_(c[:filled], g)
-                torch.mm(c[filled:stop], g, out=rows[filled:stop])
-            else:
-                rows.addmm_(c, g)
+        if filled < stop:
+            if filled:
+                rows[:filled].addmm_(coef[:filled], grad_out)
+            torch.mm(coef[filled:stop], grad_out, out=rows[filled:stop])
+        else:
+            rows.addmm_(coef, grad_out)
         self.grad_rows_filled = max(filled, stop)
 
 
@@ -117,27 +116,29 @@ class _Write(Function):
 
 
 class _Mix(Function):
+    """One GEMM per reader group, forward and backward: the skinny products are memory-bound, so the q, k and
+    v readers of a layer share one pass over the delta buffer instead of one pass each."""
+
     @staticmethod
     def forward(ctx, coef, buffer: DeltaBuffer, n_writers: int, split_sizes: tuple[int, ...], *tokens):
-        deltas = buffer.rows(n_writers)
-        parts = tuple(c.t().mm(deltas).view(c.shape[1], *buffer.shape) for c in coef.split(split_sizes, dim=1))
+        mixed = coef.t().mm(buffer.rows(n_writers)).view(coef.shape[1], *buffer.shape)
         ctx.save_for_backward(coef)
         ctx.buffer, ctx.n_writers, ctx.split_sizes = buffer, n_writers, split_sizes
         ctx.n_tokens = len(tokens)
-        return parts
+        return mixed.split(split_sizes)
 
     @staticmethod
     def backward(ctx, *part_grads):
         (coef,) = ctx.saved_tensors
         buffer, n = _release(ctx), ctx.n_writers
-        deltas = buffer.rows(n)
-        coef_parts = coef.split(ctx.split_sizes, dim=1)
-        grads = [g.reshape(g.shape[0], -1) for g in part_grads]
-        grad_coef = None
-        if ctx.needs_input_grad[0]:
-            grad_coef = torch.cat([deltas.mm(g.t()) for g in grads], dim=1)
+        # The readers' gradients arrive as (often permuted) views: one strided copy gathers them.
+        grad_out = coef.new_empty((coef.shape[1], *buffer.shape))
+        for g, dst in zip(part_grads, grad_out.split(ctx.split_sizes)):
+            dst.copy_(g)
+        grad_out = grad_out.view(coef.shape[1], -1)
+        grad_coef = buffer.rows(n).mm(grad_out.t()) if ctx.needs_input_grad[0] else None
         if any(ctx.needs_input_grad[4:]):
-            buffer.accumulate_grad(n, coef_parts, grads)
+            buffer.accumulate_grad(n, coef, grad_out)
         token_grads = tuple(coef.new_zeros(()) for _ in range(ctx.n_tokens))
         return (grad_coef, None, None, None, *token_grads)
 

@@ -52,19 +52,21 @@ def eap_ratio(repeats: int, n: int = 64, batch: int = 32, seq: int = 20) -> None
 
 
 def buffer_ratio(model, batch: int, seq: int, clean, corrupted) -> None:
-    """Bytes the engine holds for writers during one masked step, measured on the tensors themselves."""
-    graph = tep.Graph.from_model(model)
-    theory = graph.n_writers * batch * seq * model.cfg.d_model * 4
-    with tep.masked(model) as mm:
-        cf = mm.interchange(corrupted)
-        z = mm.graph.ones().requires_grad_(True)
-        mm(clean, cf, z)[:, -1].log_softmax(-1).mean().backward()
-        (slot, _), = mm._pool._slots.values()
-        forward, grad = slot[0].nbytes, slot[1].nbytes
-    print(f"RATIO writer buffer (y − ỹ) / theory, forward : {forward / theory:.2f}x ({forward / 2**20:.0f} MiB)")
-    print(f"RATIO writer buffer + its gradient / theory, backward: {(forward + grad) / theory:.2f}x")
-    print(f"      (the interchange counterfactual ỹ of the batch is another {cf.values.nbytes / theory:.2f}x, "
-          "held by the caller)")
+    """Bytes the engine holds for writers during one masked step, measured on the tensors themselves: with a
+    reusable ỹ (pooled delta buffer beside it) and with a single-use ỹ (the deltas overwrite it, as in the loop)."""
+    theory = tep.Graph.from_model(model).n_writers * batch * seq * model.cfg.d_model * 4
+    for single_use in (False, True):
+        with tep.masked(model) as mm:
+            cf = mm.interchange(corrupted, single_use=single_use)
+            z = mm.graph.ones().requires_grad_(True)
+            mm(clean, cf, z)[:, -1].log_softmax(-1).mean().backward()
+            (slot, _), = mm._pool._slots.values()
+            tensors = {t.data_ptr(): t.nbytes for t in (cf.values, slot[0], slot[1]) if t is not None}
+            forward = sum(n for ptr, n in tensors.items() if slot[1] is None or ptr != slot[1].data_ptr())
+            total = sum(tensors.values())
+        label = "single-use ỹ, y − ỹ written over it (the loop)" if single_use else "reusable ỹ + delta buffer"
+        print(f"RATIO writer tensors / theory, {label}: forward {forward / theory:.2f}x ({forward / 2**20:.0f} MiB), "
+              f"with the gradient twin in backward {total / theory:.2f}x")
 
 
 def section(title: str, key: str, skip: set[str], argv: list[str], missing: str | None = None) -> None:

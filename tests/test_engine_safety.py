@@ -103,6 +103,9 @@ def test_unsupported_model_types():
         tep.masked(nn.Linear(3, 3))
     with pytest.raises(tep.UnsupportedModelError, match="got str"):
         tep.masked("gpt2")
+    model = make_model("hooked-gpt2" if HAS_HOOKED else "bridge-gpt2")
+    with pytest.raises(tep.UnsupportedModelError, match=r"torch.compile.*_orig_mod"):
+        tep.masked(torch.compile(model))  # wrapping only: dynamo compiles on the first call, which never comes
 
 
 @needs_hooked
@@ -219,3 +222,34 @@ def test_buffer_storage_is_reused_only_once_its_graph_is_gone(tokens):
         out.backward(retain_graph=True)
         with pytest.raises(RuntimeError, match="one backward pass"):
             out.backward()
+
+
+@pytest.mark.parametrize("model_id", ["hooked-gpt2", "hooked-llama", "bridge-gpt2"])
+def test_single_use_counterfactual_keeps_only_the_differences(model_id, tokens):
+    """interchange(single_use=True): the masked forward writes y − ỹ over ỹ's storage (one writer-sized tensor,
+    not two) with logits and mask gradients bit-identical to the reusable counterfactual; a second use fails."""
+    if model_id.startswith("hooked") and not HAS_HOOKED:
+        pytest.skip("this transformer-lens has no HookedTransformer")
+    model = make_model(model_id)
+    clean, corrupted = tokens
+    with tep.masked(model) as mm:
+        z = torch.full(mm.graph.shape, 0.6, requires_grad=True)
+
+        def logits_and_grad(cf):
+            z.grad = None
+            logits = mm(clean, cf, z)
+            logits.square().mean().backward()
+            return logits.detach(), z.grad.clone()
+
+        single = mm.interchange(corrupted, single_use=True)
+        storage = single.values.data_ptr()
+        single_logits, single_grad = logits_and_grad(single)  # first forward of this context: a fresh pool
+        assert single.spent and single.values.data_ptr() == storage
+        (slot, _), = mm._pool._slots.values()
+        assert slot[0] is None and slot[1] is not None  # only the gradient twin was allocated
+        reusable_logits, reusable_grad = logits_and_grad(mm.interchange(corrupted))
+        torch.testing.assert_close(single_logits, reusable_logits, atol=0, rtol=0)
+        torch.testing.assert_close(single_grad, reusable_grad, atol=0, rtol=0)
+        torch.testing.assert_close(single.values, slot[0], atol=0, rtol=0)  # both hold this forward's y − ỹ
+        with pytest.raises(tep.EdgePruneError, match="already consumed"):
+            mm(clean, single, z)

@@ -16,13 +16,17 @@ Ablation = Union[str, Counterfactual]
 
 
 def counterfactual_source(
-    mm: MaskedModel, ablation: Ablation, data: PairedData, mean_reference: torch.Tensor | None = None
+    mm: MaskedModel, ablation: Ablation, data: PairedData, mean_reference: torch.Tensor | None = None,
+    single_use: bool = False,
 ) -> Callable[[PairedData], Counterfactual]:
-    """batch -> ỹ. Means are computed once (over ``mean_reference``, default the corrupted inputs)."""
+    """batch -> ỹ. Means are computed once (over ``mean_reference``, default the corrupted inputs).
+
+    ``single_use``: each interchange ỹ feeds exactly one masked forward, which overwrites it with y − ỹ.
+    """
     if isinstance(ablation, Counterfactual):
         return lambda batch: ablation
     if ablation == "interchange":
-        return lambda batch: mm.interchange(batch.corrupted, batch.attention_mask)
+        return lambda batch: mm.interchange(batch.corrupted, batch.attention_mask, single_use=single_use)
     if ablation == "zero":
         fixed = mm.zero()
         return lambda batch: fixed

@@ -49,6 +49,12 @@ class ModelAdapter:
             self.kind = "hooked"
         elif bridge is not None and isinstance(model, bridge):
             self.kind = "bridge"
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
+            raise UnsupportedModelError(
+                "this model was wrapped by torch.compile: TorchDynamo traces through the mixing hooks and their "
+                "autograd functions and returns wrong mask gradients (measured: docs/performance.md). Pass the "
+                "uncompiled model, `compiled._orig_mod`."
+            )
         else:
             supported = [c.__name__ for c in (hooked, bridge) if c is not None]
             raise UnsupportedModelError(

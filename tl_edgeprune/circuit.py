@@ -223,7 +223,7 @@ def evaluate_mask(
     mean_reference: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """Metrics of one mask over a dataset, averaged over examples."""
-    source = counterfactual_source(mm, ablation, data, mean_reference)
+    source = counterfactual_source(mm, ablation, data, mean_reference, single_use=True)
     mask = mask.to(mm.device)
     totals: dict[str, float] = {}
     n = 0

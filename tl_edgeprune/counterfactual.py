@@ -19,12 +19,18 @@ AblationKind = Literal["interchange", "mean", "mean_per_position", "zero"]
 
 @dataclass
 class Counterfactual:
-    """ỹ for every writer: [writer, batch or 1, pos or 1, d_model]; None means zero ablation."""
+    """ỹ for every writer: [writer, batch or 1, pos or 1, d_model]; None means zero ablation.
+
+    ``single_use``: the one masked forward that reads it overwrites ``values`` with y − ỹ in place, so a step
+    keeps only the differences (one writer-sized tensor instead of two); ``spent`` is then True.
+    """
 
     kind: AblationKind
     values: Float[torch.Tensor, "writer batch pos d_model"] | None
     n_writers: int
     d_model: int
+    single_use: bool = False
+    spent: bool = False
 
     def __post_init__(self) -> None:
         v = self.values
@@ -61,13 +67,23 @@ class Counterfactual:
                 "need inputs of the same width. Use mean(..., per_position=False) or tokenise to equal width."
             )
 
+    def check_unspent(self) -> None:
+        if self.spent:
+            raise EdgePruneError(
+                "this single-use counterfactual was already consumed by a masked forward (its values now hold "
+                "y − ỹ); compute a new one with mm.interchange(corrupted, single_use=True), or pass "
+                "single_use=False to reuse it"
+            )
+
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "Counterfactual":
+        self.check_unspent()
         if self.values is None:
             return self
         return Counterfactual(self.kind, self.values.to(device=device, dtype=dtype), self.n_writers, self.d_model)
 
     def select(self, index: torch.Tensor | slice) -> "Counterfactual":
         """The rows of a batch (for per-example interchange counterfactuals)."""
+        self.check_unspent()
         if self.values is None or self.values.shape[1] == 1:
             return self
         return Counterfactual(self.kind, self.values[:, index], self.n_writers, self.d_model)

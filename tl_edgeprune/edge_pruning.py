@@ -217,7 +217,7 @@ def edge_pruning(
         start = 0
         if resume:
             start, history = _load_checkpoint(cfg, edge_gates, node_gates, lambdas, optimizer, scheduler, gen)
-        source = counterfactual_source(mm, cfg.ablation, data, mean_reference)
+        source = counterfactual_source(mm, cfg.ablation, data, mean_reference, single_use=True)  # keep y − ỹ only
 
         def save(step: int, path: str) -> None:
             if rank != 0:  # masks are replicated: one rank writes

@@ -41,6 +41,7 @@ class _Run:
         self.reader_inputs: dict[int, torch.Tensor] | None = {} if capture_readers else None
         self.fixed_deltas = False  # deltas given from outside: writers are not re-read (EAP-IG)
         self.plain = False  # run with the model's own flags: no per-head q/k/v inputs, only writers fire
+        self.in_place: torch.Tensor | None = None  # single-use ỹ: the deltas overwrite it (mix mode)
 
 
 class MaskedModel:
@@ -140,12 +141,17 @@ class MaskedModel:
                 f"the counterfactual has {counterfactual.n_writers} writers but the graph has "
                 f"{self.graph.n_writers}: it was computed for another graph"
             )
+        counterfactual.check_unspent()
         counterfactual.check_fits(*tokens.shape)
         removal = self.removal_matrix(edge_mask, node_mask)
         cf = counterfactual.values
         if cf is not None:
             cf = cf.to(device=self.device, dtype=removal.dtype)
         run = _Run("mix", len(self.graph.writer_chunks), removal=removal, cf_values=cf)
+        if counterfactual.single_use and fixed_deltas is None:
+            counterfactual.spent = True  # before the forward: an exception midway leaves it half overwritten
+            if cf is not None and cf.is_contiguous() and cf.shape[1:3] == tokens.shape:
+                run.in_place = cf
         if fixed_deltas is not None:
             expected = (self.graph.n_writers, *tokens.shape, self.graph.spec.d_model)
             if tuple(fixed_deltas.shape) != expected:
@@ -155,14 +161,22 @@ class MaskedModel:
         return self._execute(run, tokens, attention_mask)
 
     def interchange(
-        self, corrupted: Int[torch.Tensor, "batch pos"], attention_mask: Int[torch.Tensor, "batch pos"] | None = None
+        self,
+        corrupted: Int[torch.Tensor, "batch pos"],
+        attention_mask: Int[torch.Tensor, "batch pos"] | None = None,
+        *,
+        single_use: bool = False,
     ) -> Counterfactual:
-        """Interchange ablation: ỹ are the writers' outputs on the corrupted batch."""
+        """Interchange ablation: ỹ are the writers' outputs on the corrupted batch.
+
+        ``single_use=True`` keeps only the differences: the one masked forward that reads it writes y − ỹ over
+        ỹ's storage instead of a second writer-sized buffer (Edge Pruning's loop, one corrupted batch per step).
+        """
         self._require_active()
         corrupted = self._check_tokens(corrupted, "corrupted tokens")
         attention_mask = self._check_attention_mask(attention_mask, corrupted)
         values = self.writer_outputs(corrupted, attention_mask)
-        return Counterfactual("interchange", values, self.graph.n_writers, self.graph.spec.d_model)
+        return Counterfactual("interchange", values, self.graph.n_writers, self.graph.spec.d_model, single_use=single_use)
 
     def mean(
         self,
@@ -368,7 +382,7 @@ class MaskedModel:
                 return None
             if run.buffer is None:
                 if run.mode == "mix":  # capture buffers are handed to the caller: never reused
-                    run.buffer = self._pool.buffer(self.graph.n_writers, y.shape[1:], y.dtype, y.device)
+                    run.buffer = self._pool.buffer(self.graph.n_writers, y.shape[1:], y.dtype, y.device, run.in_place)
                 else:
                     run.buffer = DeltaBuffer(self.graph.n_writers, y.shape[1:], y.dtype, y.device)
             cf = None

@@ -21,12 +21,12 @@ class DeltaBuffer:
     """``y − ỹ`` of every writer in one forward (and, during backward, its gradient)."""
 
     def __init__(self, n_writers: int, shape: Sequence[int], dtype: torch.dtype, device: torch.device,
-                 slot: list | None = None):
+                 slot: list | None = None, values: torch.Tensor | None = None):
         self.shape = tuple(shape)  # (batch, pos, d_model)
         self.slot = [None, None] if slot is None else slot  # [values, grad] storage, filled on first use
-        if self.slot[0] is None:
+        if values is None and self.slot[0] is None:
             self.slot[0] = torch.empty((n_writers, *self.shape), dtype=dtype, device=device)
-        self.values = self.slot[0]
+        self.values = self.slot[0] if values is None else values  # given: a single-use ỹ, overwritten in place
         self.grad: torch.Tensor | None = None
         self.grad_rows_filled = 0  # rows [0, filled) of grad hold sums; the rest is uninitialised
         self.written = [False] * n_writers
@@ -74,11 +74,13 @@ class BufferPool:
     def __init__(self) -> None:
         self._slots: dict[tuple, tuple[list, weakref.ref]] = {}
 
-    def buffer(self, n_writers: int, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> DeltaBuffer:
+    def buffer(self, n_writers: int, shape: Sequence[int], dtype: torch.dtype, device: torch.device,
+               values: torch.Tensor | None = None) -> DeltaBuffer:
+        """``values``: storage to write the deltas into (a single-use ỹ); then only the gradient twin is pooled."""
         key = (n_writers, tuple(shape), dtype, torch.device(device))
         entry = self._slots.get(key)
         slot = entry[0] if entry is not None and entry[1]() is None else [None, None]  # in use: fresh storage
-        buffer = DeltaBuffer(n_writers, shape, dtype, device, slot=slot)
+        buffer = DeltaBuffer(n_writers, shape, dtype, device, slot=slot, values=values)
         self._slots[key] = (slot, weakref.ref(buffer))
         return buffer
 

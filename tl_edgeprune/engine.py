@@ -280,7 +280,8 @@ class MaskedModel:
     @contextlib.contextmanager
     def _plain_flags(self):
         """The user's own flags for one forward that reads no residual-stream inputs (TL's split-q/k/v path
-        repeats the residual per head: 1.6x a plain step on GPT-2, docs/performance.md); the engine's flags come back."""
+        repeats the residual per head: 1.81x a plain step on the GPT-2 shape, docs/performance.md); the engine's
+        flags come back."""
         self.adapter.restore_flags(self._user_flags)
         try:
             yield

@@ -20,7 +20,7 @@ from .adapter import ModelAdapter, post_norm_message
 from .counterfactual import Counterfactual
 from .errors import EdgePruneError, HookFiringError, UnsupportedModelError
 from .graph import Graph, GraphSpec, InputNodes, ReaderGroup, WriterChunk
-from .mixing import BufferPool, DeltaBuffer, mix, write
+from .mixing import BufferPool, DeltaBuffer, Window, mix, plan_windows, write
 
 # Relative tolerance of the attach-time check that the residual stream is the sum of the writers.
 IDENTITY_TOL = {torch.float64: 1e-9, torch.float32: 1e-4}
@@ -36,7 +36,9 @@ class _Run:
         self.cf_values = cf_values  # ỹ [writer, batch|1, pos|1, d_model], or None (zero ablation)
         self.buffer: DeltaBuffer | None = None  # y (capture) or y − ỹ (mix) of every writer
         self.tokens: list[torch.Tensor | None] = [None] * n_chunks  # autograd links, one per writer chunk
-        self.mixes: dict[int, tuple[torch.Tensor, ...]] = {}
+        self.mixes: dict[int, list[torch.Tensor | None]] = {}  # per reader group, one part per hook (None once used)
+        self.bases: dict[int, torch.Tensor] = {}  # a window's shared product for its later groups, until they are read
+        self.windows_mixed: set[int] = set()
         self.fired: Counter = Counter()
         self.reader_inputs: dict[int, torch.Tensor] | None = {} if capture_readers else None
         self.fixed_deltas = False  # deltas given from outside: writers are not re-read (EAP-IG)
@@ -76,6 +78,7 @@ class MaskedModel:
         self._stack: contextlib.ExitStack | None = None
         self._user_flags: dict[str, Any] = {}
         self._pool = BufferPool()
+        self._plan_mixing()
         self._expected_firings = self._expected_hook_keys()
         self._expected_writer_firings = Counter({k: n for k, n in self._expected_firings.items() if k[0] == "w"})
 
@@ -274,6 +277,12 @@ class MaskedModel:
         return valid * (1 - keep)
 
     # ------------------------------------------------------------------ running
+    def _plan_mixing(self, **plan) -> None:
+        """Which reader groups share a mixing window (``plan``: options of mixing.plan_windows)."""
+        groups = self.graph.reader_groups
+        self._windows = plan_windows([g.n_writers for g in groups], [g.stop - g.start for g in groups], **plan)
+        self._window_of = {g: window for window in self._windows for g in window.groups}
+
     def _enable_flags(self) -> None:
         self.adapter.enable_flags(need_mlp_in=not self.graph.spec.attn_only)
 
@@ -408,24 +417,67 @@ class MaskedModel:
                 if run.reader_inputs is not None and offset == 0:
                     run.reader_inputs[group_index] = activation[:, :, 0] if per_head else activation
                 return None
-            mix = run.mixes.get(group_index)
-            if mix is None:
-                mix = run.mixes[group_index] = self._mix(run, group)
-            part = mix[part_index]  # −Σ_j (1 − z_jr)(y_j − ỹ_j): added, so backward needs no negation pass
+            parts = run.mixes.get(group_index)
+            if parts is None:
+                parts = self._mix(run, group_index)
+            part, parts[part_index] = parts[part_index], None  # used once: freed as soon as the reader has it
+            if part is None:  # this hook fired twice: _check_firings reports it after the forward
+                return None
+            # part = −Σ_j (1 − z_jr)(y_j − ỹ_j): added, so backward needs no negation pass
             if per_head:
                 return activation + einops.rearrange(part, "reader b p d -> b p reader d")
             return activation + part.squeeze(0)
 
         return hook
 
-    def _mix(self, run: _Run, group: ReaderGroup) -> tuple[torch.Tensor, ...]:
+    def _mix(self, run: _Run, group_index: int) -> list[torch.Tensor | None]:
         """−Σ_j (1 − z_jr)(y_j − ỹ_j) for a reader group, one [reader, batch, pos, d_model] per hook.
 
-        Which writers a group reads comes from the graph (a prefix), never from hook firing order.
+        The group's window is mixed over its shared prefix when its first group is read; a later group adds the
+        rows written since. Which writers a group reads comes from the graph (a prefix), never from hook order.
         """
+        window = self._window_of[group_index]
+        if window.index not in run.windows_mixed:
+            run.windows_mixed.add(window.index)
+            self._mix_window(run, window)
+        if group_index not in run.mixes:
+            group = self.graph.reader_groups[group_index]
+            coef = -run.removal[window.prefix : group.n_writers, group.start : group.stop]
+            offset = window.offsets[window.groups.index(group_index)]
+            run.mixes[group_index] = list(
+                mix(coef, run.bases.pop(group_index), run.buffer, (window.prefix, group.n_writers),
+                    self._part_sizes(group), (window, offset, False), self._tokens(run, group, window.prefix))
+            )
+        return run.mixes[group_index]
+
+    def _mix_window(self, run: _Run, window: Window) -> None:
+        """One GEMM over the window's shared prefix: final parts for groups that read only that prefix, a base
+        (to add the later rows to) for the others."""
+        groups = [self.graph.reader_groups[g] for g in window.groups]
+        P = window.prefix
+        coef = -run.removal[:P, groups[0].start : groups[-1].stop]  # exact: IEEE negation is lossless
+        sizes: list[int] = []
+        for group in groups:
+            sizes += self._part_sizes(group) if group.n_writers == P else [group.stop - group.start]
+        outputs = iter(mix(coef, None, run.buffer, (0, P), sizes, (window, 0, True), self._tokens(run, groups[0], 0)))
+        for g, group in zip(window.groups, groups):
+            if group.n_writers == P:
+                run.mixes[g] = [next(outputs) for _ in self._part_sizes(group)]
+            else:
+                run.bases[g] = next(outputs)
+
+    def _part_sizes(self, group: ReaderGroup) -> list[int]:
+        return [size for _, _, size, _ in self._reader_parts(group)]
+
+    def _tokens(self, run: _Run, group: ReaderGroup, start: int) -> list[torch.Tensor]:
+        """Autograd tokens of the writer chunks in rows [start, group.n_writers), checking that each has fired."""
+        if run.fixed_deltas:
+            return []
         tokens = []
         for ci, chunk in enumerate(self.graph.writer_chunks):
-            if chunk.start >= group.n_writers or run.fixed_deltas:
+            if chunk.start < start:
+                continue
+            if chunk.start >= group.n_writers:
                 break
             if run.tokens[ci] is None:
                 raise HookFiringError(
@@ -433,9 +485,7 @@ class MaskedModel:
                     f"{self.graph.writers[chunk.start]} ({self._writer_hook_name(chunk)}) fired"
                 )
             tokens.append(run.tokens[ci])
-        coef = -run.removal[: group.n_writers, group.start : group.stop]  # exact: IEEE negation is lossless
-        sizes = tuple(size for _, _, size, _ in self._reader_parts(group))
-        return mix(coef, run.buffer, group.n_writers, sizes, tokens)
+        return tokens
 
     # ------------------------------------------------------------------ checks
     def _check_residual_identity(self) -> None:

@@ -20,7 +20,7 @@ from .adapter import ModelAdapter, post_norm_message
 from .counterfactual import Counterfactual
 from .errors import EdgePruneError, HookFiringError, UnsupportedModelError
 from .graph import Graph, GraphSpec, InputNodes, ReaderGroup, WriterChunk
-from .mixing import BufferPool, DeltaBuffer, Window, mix, plan_windows, write
+from .mixing import BufferPool, DeltaBuffer, Window, mix_rest, mix_window, plan_windows, write
 
 # Relative tolerance of the attach-time check that the residual stream is the sum of the writers.
 IDENTITY_TOL = {torch.float64: 1e-9, torch.float32: 1e-4}
@@ -37,8 +37,8 @@ class _Run:
         self.buffer: DeltaBuffer | None = None  # y (capture) or y − ỹ (mix) of every writer
         self.tokens: list[torch.Tensor | None] = [None] * n_chunks  # autograd links, one per writer chunk
         self.mixes: dict[int, list[torch.Tensor | None]] = {}  # per reader group, one part per hook (None once used)
-        self.bases: dict[int, torch.Tensor] = {}  # a window's shared product for its later groups, until they are read
-        self.windows_mixed: set[int] = set()
+        self.window_tokens: dict[int, torch.Tensor] = {}  # per mixed window: what its later groups link to
+        self.unread: dict[int, int] = {}  # per mixed window: parts not yet read (its products storage is lent)
         self.fired: Counter = Counter()
         self.reader_inputs: dict[int, torch.Tensor] | None = {} if capture_readers else None
         self.fixed_deltas = False  # deltas given from outside: writers are not re-read (EAP-IG)
@@ -420,13 +420,19 @@ class MaskedModel:
             parts = run.mixes.get(group_index)
             if parts is None:
                 parts = self._mix(run, group_index)
-            part, parts[part_index] = parts[part_index], None  # used once: freed as soon as the reader has it
+            part, parts[part_index] = parts[part_index], None  # read once, from the window's products storage
             if part is None:  # this hook fired twice: _check_firings reports it after the forward
                 return None
             # part = −Σ_j (1 − z_jr)(y_j − ỹ_j): added, so backward needs no negation pass
             if per_head:
-                return activation + einops.rearrange(part, "reader b p d -> b p reader d")
-            return activation + part.squeeze(0)
+                mixed = activation + einops.rearrange(part, "reader b p d -> b p reader d")
+            else:
+                mixed = activation + part.squeeze(0)
+            window = self._window_of[group_index].index
+            run.unread[window] -= 1
+            if run.unread[window] == 0:  # every reader has its input: the window's products storage is free
+                run.buffer.products_read(window)
+            return mixed
 
         return hook
 
@@ -437,34 +443,31 @@ class MaskedModel:
         rows written since. Which writers a group reads comes from the graph (a prefix), never from hook order.
         """
         window = self._window_of[group_index]
-        if window.index not in run.windows_mixed:
-            run.windows_mixed.add(window.index)
+        if window.index not in run.window_tokens:
             self._mix_window(run, window)
         if group_index not in run.mixes:
             group = self.graph.reader_groups[group_index]
             coef = -run.removal[window.prefix : group.n_writers, group.start : group.stop]
             offset = window.offsets[window.groups.index(group_index)]
             run.mixes[group_index] = list(
-                mix(coef, run.bases.pop(group_index), run.buffer, (window.prefix, group.n_writers),
-                    self._part_sizes(group), (window, offset, False), self._tokens(run, group, window.prefix))
+                mix_rest(coef, run.window_tokens[window.index], run.buffer, window, offset, group.n_writers,
+                         self._part_sizes(group), self._tokens(run, group, window.prefix))
             )
         return run.mixes[group_index]
 
     def _mix_window(self, run: _Run, window: Window) -> None:
-        """One GEMM over the window's shared prefix: final parts for groups that read only that prefix, a base
-        (to add the later rows to) for the others."""
+        """One GEMM over the window's shared prefix: the parts of the groups that read only that prefix now,
+        the others' share of it kept for when they are read."""
         groups = [self.graph.reader_groups[g] for g in window.groups]
-        P = window.prefix
-        coef = -run.removal[:P, groups[0].start : groups[-1].stop]  # exact: IEEE negation is lossless
-        sizes: list[int] = []
-        for group in groups:
-            sizes += self._part_sizes(group) if group.n_writers == P else [group.stop - group.start]
-        outputs = iter(mix(coef, None, run.buffer, (0, P), sizes, (window, 0, True), self._tokens(run, groups[0], 0)))
-        for g, group in zip(window.groups, groups):
-            if group.n_writers == P:
-                run.mixes[g] = [next(outputs) for _ in self._part_sizes(group)]
-            else:
-                run.bases[g] = next(outputs)
+        coef = -run.removal[: window.prefix, groups[0].start : groups[-1].stop]  # exact: IEEE negation is lossless
+        leading = [(g, group) for g, group in zip(window.groups, groups) if group.n_writers == window.prefix]
+        sizes = [size for _, group in leading for size in self._part_sizes(group)]
+        parts, run.window_tokens[window.index] = mix_window(coef, run.buffer, window, sizes,
+                                                            self._tokens(run, groups[0], 0))
+        run.unread[window.index] = sum(len(self._part_sizes(group)) for group in groups)
+        parts = iter(parts)
+        for g, group in leading:
+            run.mixes[g] = [next(parts) for _ in self._part_sizes(group)]
 
     def _part_sizes(self, group: ReaderGroup) -> list[int]:
         return [size for _, _, size, _ in self._reader_parts(group)]

@@ -22,49 +22,66 @@ from torch.autograd import Function
 
 
 class DeltaBuffer:
-    """``y − ỹ`` of every writer in one forward (and, during backward, its gradient)."""
+    """``y − ỹ`` of every writer in one forward (and, during backward, its gradient), plus the working storage
+    of the mixing windows: their products in the forward, their readers' gathered gradients in backward."""
 
     def __init__(self, n_writers: int, shape: Sequence[int], dtype: torch.dtype, device: torch.device,
                  slot: list | None = None, values: torch.Tensor | None = None):
         self.shape = tuple(shape)  # (batch, pos, d_model)
-        self.slot = [None, None, None] if slot is None else slot  # [values, grad, scratch] storage, filled on first use
+        # [values, grad, gradient scratch, forward products] storage, filled on first use, pooled across steps
+        self.slot = [None, None, None, None] if slot is None else slot
         if values is None and self.slot[0] is None:
             self.slot[0] = torch.empty((n_writers, *self.shape), dtype=dtype, device=device)
         self.values = self.slot[0] if values is None else values  # given: a single-use ỹ, overwritten in place
         self.grad: torch.Tensor | None = None
         self.grad_filled = [False] * n_writers  # rows of grad that hold sums; the others are uninitialised
-        self.scratch_owner: int | None = None  # the window whose gathered gradients the scratch holds
         self.written = [False] * n_writers
+        self._lent: dict[tuple[int, int], torch.Tensor] = {}  # (slot, window) -> storage that window is using
+        self.scratch_filled: dict[int, set[int]] = {}  # window -> offsets whose gradients are gathered
 
     @classmethod
     def fixed(cls, values: torch.Tensor) -> "DeltaBuffer":
         """A buffer holding given deltas (e.g. clean − corrupted for EAP-IG), not recomputed in the forward."""
-        buffer = cls.__new__(cls)
-        buffer.shape = tuple(values.shape[1:])
-        buffer.values = values.contiguous()
-        buffer.slot = [buffer.values, None, None]
-        buffer.grad, buffer.grad_filled, buffer.scratch_owner = None, [False] * values.shape[0], None
+        buffer = cls(values.shape[0], values.shape[1:], values.dtype, values.device,
+                     slot=[values.contiguous(), None, None, None])
         buffer.written = [True] * values.shape[0]
         return buffer
 
     def rows(self, start: int, stop: int) -> torch.Tensor:
         return self.values[start:stop].view(stop - start, -1)
 
-    def window_scratch(self, window: int, n_rows: int) -> torch.Tensor:
-        """[n_rows, batch, pos, d_model] storage where a window gathers its readers' gradients (its groups'
-        backwards fill it one by one; the window's first group reads it all). Pooled, since fresh pages cost
-        a page fault each on CPU, and lent to one window at a time: another one gets fresh storage."""
-        if self.scratch_owner not in (None, window):
-            return self.values.new_empty((n_rows, *self.shape))
-        self.scratch_owner = window
-        store = self.slot[2]
-        if store is None or store.shape[0] < n_rows:
-            store = self.slot[2] = self.values.new_empty((n_rows, *self.shape))
-        return store[:n_rows]
+    def _borrow(self, slot: int, window: int, n_rows: int) -> torch.Tensor:
+        """[n_rows, batch, pos, d_model] for one window until it gives it back: the pooled storage if no other
+        window holds it (fresh pages cost a page fault each on CPU), else fresh storage."""
+        key = (slot, window)
+        if key in self._lent:
+            return self._lent[key]
+        store = self.slot[slot]
+        if any(s == slot for s, _ in self._lent):
+            store = self.values.new_empty((n_rows, *self.shape))
+        elif store is None or store.shape[0] < n_rows:
+            store = self.slot[slot] = self.values.new_empty((n_rows, *self.shape))
+        self._lent[key] = store = store[:n_rows]
+        return store
 
-    def release_scratch(self, window: int) -> None:
-        if self.scratch_owner == window:
-            self.scratch_owner = None
+    def _give_back(self, slot: int, window: int) -> None:
+        self._lent.pop((slot, window), None)
+
+    def window_products(self, window: int, n_rows: int) -> torch.Tensor:
+        """Where a window's mixed reader inputs are computed; given back once its readers have all read them."""
+        return self._borrow(3, window, n_rows)
+
+    def products_read(self, window: int) -> None:
+        self._give_back(3, window)
+
+    def window_scratch(self, window: int, n_rows: int) -> torch.Tensor:
+        """Where a window gathers its readers' gradients: its groups' backwards fill it one by one, the window's
+        shared product (whose backward runs last) reads it all and gives it back."""
+        return self._borrow(2, window, n_rows)
+
+    def scratch_read(self, window: int) -> None:
+        self._give_back(2, window)
+        self.scratch_filled.pop(window, None)
 
     def accumulate_grad(self, start: int, stop: int, coef: torch.Tensor, grad_out: torch.Tensor) -> None:
         """grad[start:stop] += coef·grad_out, assigning (not adding to zeros) rows no reader has reached yet."""
@@ -114,7 +131,7 @@ class BufferPool:
         """``values``: storage to write the deltas into (a single-use ỹ); then only the gradient twin is pooled."""
         key = (n_writers, tuple(shape), dtype, torch.device(device))
         entry = self._slots.get(key)
-        slot = entry[0] if entry is not None and entry[1]() is None else [None, None, None]  # in use: fresh storage
+        slot = entry[0] if entry is not None and entry[1]() is None else [None, None, None, None]  # in use: fresh storage
         buffer = DeltaBuffer(n_writers, shape, dtype, device, slot=slot, values=values)
         self._slots[key] = (slot, weakref.ref(buffer))
         return buffer
@@ -135,10 +152,13 @@ class Window:
 
 
 def plan_windows(prefixes: Sequence[int], widths: Sequence[int], growth: float = 0.25,
-                 max_readers: int = 64) -> tuple[Window, ...]:
+                 max_readers: int | None = None) -> tuple[Window, ...]:
     """Group consecutive reader groups while their prefixes grow by at most ``growth`` of the first one's
-    (the rows read twice) and the window's readers fit ``max_readers`` (its outputs wait, its gradients are
-    gathered together). ``growth=0`` mixes each group on its own."""
+    (the rows read twice) and the window's readers fit ``max_readers`` (its products wait in one storage, its
+    gradients are gathered together; default: 64, or two of the widest group and one more). ``growth=0``
+    mixes each group on its own."""
+    if max_readers is None:
+        max_readers = max(64, 2 * max(widths) + 1)
     windows: list[Window] = []
     start = 0
     for g in range(1, len(prefixes) + 1):
@@ -161,8 +181,13 @@ def _release(ctx) -> DeltaBuffer:
     return buffer
 
 
-def _is_view_of(grad: torch.Tensor, dst: torch.Tensor) -> bool:
-    return grad.data_ptr() == dst.data_ptr() and grad.shape == dst.shape and grad.stride() == dst.stride()
+def _gather(part_grads: Sequence[torch.Tensor | None], into: torch.Tensor, split_sizes: Sequence[int]) -> None:
+    """Copy the readers' gradients (often permuted views) into one contiguous [reader, ...] block."""
+    for g, dst in zip(part_grads, into.split(tuple(split_sizes))):
+        if g is None:
+            dst.zero_()
+        else:
+            dst.copy_(g)
 
 
 class _Write(Function):
@@ -182,46 +207,71 @@ class _Write(Function):
         return grad, None, None, None, None
 
 
-class _Mix(Function):
-    """``base + coefᵀ·delta[rows]`` for some readers of a window, one GEMM in forward and in each backward
-    product; q, k and v (and the later groups of a window) share the pass over the memory-bound buffer."""
+class _MixWindow(Function):
+    """The window's shared product ``coefᵀ·delta[:prefix]`` for all its readers, in one GEMM (and one GEMM per
+    backward product): returns the parts of the groups that read only the prefix, and a token that the
+    window's later groups take, so this backward runs after theirs and finds their gradients gathered."""
 
     @staticmethod
-    def forward(ctx, coef, base, buffer: DeltaBuffer, rows: tuple[int, int], split_sizes: tuple[int, ...],
-                place: tuple[Window, int, bool], *tokens):
-        n_out = coef.shape[1]
-        delta = buffer.rows(*rows)
-        if base is None:
-            mixed = coef.t().mm(delta)
-        else:
-            mixed = torch.addmm(base.view(n_out, -1), coef.t(), delta)
+    def forward(ctx, coef, buffer: DeltaBuffer, window: Window, split_sizes: tuple[int, ...], *tokens):
+        products = buffer.window_products(window.index, window.n_readers)
+        torch.mm(coef.t(), buffer.rows(0, window.prefix), out=products.view(window.n_readers, -1))
         ctx.save_for_backward(coef)
-        ctx.buffer, ctx.rows, ctx.split_sizes, ctx.place = buffer, rows, split_sizes, place
-        ctx.n_tokens = len(tokens)
-        return mixed.view(n_out, *buffer.shape).split(split_sizes)
+        ctx.buffer, ctx.window, ctx.split_sizes, ctx.n_tokens = buffer, window, split_sizes, len(tokens)
+        own = sum(split_sizes)
+        return (*products[:own].split(split_sizes), coef.new_zeros(()))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        (coef,) = ctx.saved_tensors
+        buffer, window = _release(ctx), ctx.window
+        grad_out = buffer.window_scratch(window.index, window.n_readers)
+        own = sum(ctx.split_sizes)
+        _gather(grads[:-1], grad_out[:own], ctx.split_sizes)
+        filled = buffer.scratch_filled.get(window.index, set())
+        for offset, end in zip(window.offsets, (*window.offsets[1:], window.n_readers)):
+            if offset >= own and offset not in filled:  # a later group whose readers sent no gradient
+                grad_out[offset:end].zero_()
+        flat = grad_out.view(window.n_readers, -1)
+        grad_coef = buffer.rows(0, window.prefix).mm(flat.t()) if ctx.needs_input_grad[0] else None
+        if any(ctx.needs_input_grad[4:]):
+            buffer.accumulate_grad(0, window.prefix, coef, flat)
+        buffer.scratch_read(window.index)
+        return (grad_coef, None, None, None, *(coef.new_zeros(()) for _ in range(ctx.n_tokens)))
+
+
+class _MixRest(Function):
+    """A later group of a window: its rows of the shared product, plus ``coefᵀ·delta[prefix:stop]`` for the
+    writers since the window began, added in place."""
+
+    @staticmethod
+    def forward(ctx, coef, window_token, buffer: DeltaBuffer, window: Window, offset: int, stop: int,
+                split_sizes: tuple[int, ...], *tokens):
+        n_out = coef.shape[1]
+        products = buffer.window_products(window.index, window.n_readers)[offset : offset + n_out]
+        if stop > window.prefix:
+            products.view(n_out, -1).addmm_(coef.t(), buffer.rows(window.prefix, stop))
+        ctx.save_for_backward(coef)
+        ctx.buffer, ctx.window, ctx.offset, ctx.stop = buffer, window, offset, stop
+        ctx.split_sizes, ctx.n_tokens = split_sizes, len(tokens)
+        return products.split(split_sizes)
 
     @staticmethod
     def backward(ctx, *part_grads):
         (coef,) = ctx.saved_tensors
-        buffer, (start, stop) = _release(ctx), ctx.rows
-        window, offset, last = ctx.place
-        # Gather the readers' gradients (often permuted views) into the window's scratch, where a later group's
-        # backward already left its own: they arrive as views of it and are not copied again.
-        grad_out = buffer.window_scratch(window.index, window.n_readers)[offset : offset + coef.shape[1]]
-        for g, dst in zip(part_grads, grad_out.split(ctx.split_sizes)):
-            if g is None:
-                dst.zero_()
-            elif not _is_view_of(g, dst):
-                dst.copy_(g)
-        flat = grad_out.view(coef.shape[1], -1)
-        grad_coef = buffer.rows(start, stop).mm(flat.t()) if ctx.needs_input_grad[0] else None
-        if any(ctx.needs_input_grad[6:]):
-            buffer.accumulate_grad(start, stop, coef, flat)
-        if last:
-            buffer.release_scratch(window.index)
-        grad_base = grad_out if ctx.needs_input_grad[1] else None
-        token_grads = tuple(coef.new_zeros(()) for _ in range(ctx.n_tokens))
-        return (grad_coef, grad_base, None, None, None, None, *token_grads)
+        buffer, window, n_out = _release(ctx), ctx.window, coef.shape[1]
+        grad_out = buffer.window_scratch(window.index, window.n_readers)[ctx.offset : ctx.offset + n_out]
+        _gather(part_grads, grad_out, ctx.split_sizes)
+        buffer.scratch_filled.setdefault(window.index, set()).add(ctx.offset)
+        flat = grad_out.view(n_out, -1)
+        grad_coef = None
+        if ctx.needs_input_grad[0]:
+            grad_coef = buffer.rows(window.prefix, ctx.stop).mm(flat.t())
+        if any(ctx.needs_input_grad[7:]):
+            buffer.accumulate_grad(window.prefix, ctx.stop, coef, flat)
+        window_token_grad = coef.new_zeros(()) if ctx.needs_input_grad[1] else None
+        return (grad_coef, window_token_grad, None, None, None, None, None,
+                *(coef.new_zeros(()) for _ in range(ctx.n_tokens)))
 
 
 def write(y: torch.Tensor, counterfactual: torch.Tensor | None, buffer: DeltaBuffer, start: int, stop: int):
@@ -230,10 +280,15 @@ def write(y: torch.Tensor, counterfactual: torch.Tensor | None, buffer: DeltaBuf
     return _Write.apply(y, counterfactual, buffer, start, stop)
 
 
-def mix(coef: torch.Tensor, base: torch.Tensor | None, buffer: DeltaBuffer, rows: tuple[int, int],
-        split_sizes: Sequence[int], place: tuple[Window, int, bool], tokens: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-    """``base + Σ_{j in rows} coef[j, r]·delta_j``, one [reader, batch, pos, d_model] per split.
+def mix_window(coef: torch.Tensor, buffer: DeltaBuffer, window: Window, split_sizes: Sequence[int],
+               tokens: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """``Σ_{j < prefix} coef[j, r]·delta_j`` for every reader of the window. Returns the parts (one
+    [reader, batch, pos, d_model] per split) of the groups that read only the prefix, and the window token."""
+    *parts, token = _MixWindow.apply(coef, buffer, window, tuple(split_sizes), *tokens)
+    return parts, token
 
-    ``place``: (window, offset of these readers in it, whether this is the window's shared product — the last
-    of its backwards)."""
-    return _Mix.apply(coef, base, buffer, tuple(rows), tuple(split_sizes), place, *tokens)
+
+def mix_rest(coef: torch.Tensor, window_token: torch.Tensor, buffer: DeltaBuffer, window: Window, offset: int,
+             stop: int, split_sizes: Sequence[int], tokens: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """A later group's readers: the window's product at ``offset`` plus ``Σ_{prefix <= j < stop} coef·delta_j``."""
+    return _MixRest.apply(coef, window_token, buffer, window, offset, stop, tuple(split_sizes), *tokens)

@@ -63,17 +63,23 @@ def test_all_ones_is_bit_exact_on_hooked_transformer(model_id, tokens):
 
 def test_full_logits_and_writer_outputs_run_the_plain_forward(any_model, tokens):
     """Forwards that read no reader inputs skip TL's split-q/k/v path: full_logits is model(tokens) bit for bit,
-    writer_outputs equals plain TL's cache, and only writer hooks fire (the firing check would raise otherwise)."""
+    writer_outputs equals plain TL's cache, and only writer hooks fire (the firing check would raise otherwise);
+    writer_outputs stops after the last writer: the unembedding never runs."""
     clean, corrupted = tokens
     reference = any_model(clean)
     flags = ModelAdapter(any_model).flag_state()
     names = writer_cache_names(any_model)
     _, cache = any_model.run_with_cache(clean, names_filter=lambda n: n in names)
+    unembed_calls = []
+    handle = any_model.unembed.register_forward_pre_hook(lambda module, args: unembed_calls.append(1))
     with tep.masked(any_model) as mm:
         full = mm.full_logits(clean)
+        calls = len(unembed_calls)
         ys = mm.writer_outputs(clean)
+        assert calls >= 1 and len(unembed_calls) == calls
         assert ModelAdapter(any_model).flag_state()["use_split_qkv_input"]  # engine flags came back
         ones = mm(clean, mm.interchange(corrupted), mm.graph.ones())  # and the masked forward still works
+    handle.remove()
     assert torch.equal(full, reference)
     for w, writer in enumerate(mm.graph.writers):
         torch.testing.assert_close(ys[w], writer_output(any_model, cache, writer).expand_as(ys[w]), atol=ATOL, rtol=0)

@@ -27,6 +27,10 @@ IDENTITY_TOL = {torch.float64: 1e-9, torch.float32: 1e-4}
 IDENTITY_TOL_LOW_PRECISION = 3e-2
 
 
+class _WritersDone(Exception):
+    """Raised by the last writer hook of a capture run that needs nothing after the writers."""
+
+
 class _Run:
     """State of one forward pass through the hooks."""
 
@@ -43,6 +47,7 @@ class _Run:
         self.reader_inputs: dict[int, torch.Tensor] | None = {} if capture_readers else None
         self.fixed_deltas = False  # deltas given from outside: writers are not re-read (EAP-IG)
         self.plain = False  # run with the model's own flags: no per-head q/k/v inputs, only writers fire
+        self.stop_when_written = False  # end the forward once every writer fired (no final norm, no unembed)
         self.in_place: torch.Tensor | None = None  # single-use ỹ: the deltas overwrite it (mix mode)
 
 
@@ -229,14 +234,14 @@ class MaskedModel:
     ) -> Float[torch.Tensor, "writer batch pos d_model"]:
         """Every writer's output on an unmasked forward, without gradients.
 
-        Only writers are read, so this runs the model's plain forward (no per-head q/k/v inputs): it costs
-        what ``model(tokens)`` costs, not what a masked forward does.
+        Only writers are read, so this runs the model's plain forward (no per-head q/k/v inputs) and stops once the
+        last writer has fired: no final norm and no unembedding, so it costs less than ``model(tokens)``.
         """
         self._require_active()
         tokens = self._check_tokens(tokens, "tokens")
         attention_mask = self._check_attention_mask(attention_mask, tokens)
         run = _Run("capture", len(self.graph.writer_chunks))
-        run.plain = True
+        run.plain = run.stop_when_written = True
         with torch.no_grad():
             self._execute(run, tokens, attention_mask)
         return run.buffer.values
@@ -301,12 +306,14 @@ class MaskedModel:
         if self._run is not None:
             raise EdgePruneError("a masked forward is already running (re-entrant call from inside a hook?)")
 
-    def _execute(self, run: _Run, tokens: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    def _execute(self, run: _Run, tokens: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
         self._require_idle()
         self._run = run
         try:
             with self._plain_flags() if run.plain else contextlib.nullcontext():
                 logits = self.adapter.forward(tokens, attention_mask)
+        except _WritersDone:
+            logits = None
         finally:
             self._run = None
         self._check_firings(run)
@@ -399,6 +406,8 @@ class MaskedModel:
             if run.mode == "mix" and run.cf_values is not None:
                 cf = run.cf_values[chunk.start : chunk.stop]
             run.tokens[chunk_index] = write(y, cf, run.buffer, chunk.start, chunk.stop)
+            if run.stop_when_written and all(t is not None for t in run.tokens):
+                raise _WritersDone
             return None  # writers are only observed: the residual stream itself is never changed
 
         return hook

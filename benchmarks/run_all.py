@@ -52,8 +52,10 @@ def eap_ratio(repeats: int, n: int = 64, batch: int = 32, seq: int = 20) -> None
 
 
 def buffer_ratio(model, batch: int, seq: int, clean, corrupted) -> None:
-    """Bytes the engine holds for writers during one masked step, measured on the tensors themselves: with a
-    reusable ỹ (pooled delta buffer beside it) and with a single-use ỹ (the deltas overwrite it, as in the loop)."""
+    """Bytes the engine holds during one masked step, measured on the tensors themselves: writer tensors (ỹ and the
+    deltas; with a reusable ỹ the pooled delta buffer sits beside it, with a single-use ỹ the deltas overwrite it,
+    as in the loop; the gradient twin in backward) and the mixing's working storage (the windows' products in the
+    forward, the gathered reader gradients in backward), each ÷ writers × batch × seq × d_model × 4 bytes."""
     theory = tep.Graph.from_model(model).n_writers * batch * seq * model.cfg.d_model * 4
     for single_use in (False, True):
         with tep.masked(model) as mm:
@@ -61,13 +63,13 @@ def buffer_ratio(model, batch: int, seq: int, clean, corrupted) -> None:
             z = mm.graph.ones().requires_grad_(True)
             mm(clean, cf, z)[:, -1].log_softmax(-1).mean().backward()
             (slot, _), = mm._pool._slots.values()
-            tensors = {t.data_ptr(): t.nbytes for t in (cf.values, *slot) if t is not None}
-            backward_only = {t.data_ptr() for t in slot[1:] if t is not None}  # gradient twin, gradient scratch
-            forward = sum(n for ptr, n in tensors.items() if ptr not in backward_only)
-            total = sum(tensors.values())
+            values, grad, scratch, products = (0 if t is None or t.data_ptr() == cf.values.data_ptr() else t.nbytes
+                                               for t in slot)
+            writers = cf.values.nbytes + values
         label = "single-use ỹ, y − ỹ written over it (the loop)" if single_use else "reusable ỹ + delta buffer"
-        print(f"RATIO writer tensors / theory, {label}: forward {forward / theory:.2f}x ({forward / 2**20:.0f} MiB), "
-              f"with the gradient twin in backward {total / theory:.2f}x")
+        print(f"RATIO writer tensors / theory, {label}: forward {writers / theory:.2f}x ({writers / 2**20:.0f} MiB), "
+              f"with the gradient twin in backward {(writers + grad) / theory:.2f}x; mixing working storage: "
+              f"products {products / theory:.2f}x (forward), gradient scratch {scratch / theory:.2f}x (backward)")
 
 
 def section(title: str, key: str, skip: set[str], argv: list[str], missing: str | None = None,

@@ -155,10 +155,10 @@ def plan_windows(prefixes: Sequence[int], widths: Sequence[int], growth: float =
                  max_readers: int | None = None) -> tuple[Window, ...]:
     """Group consecutive reader groups while their prefixes grow by at most ``growth`` of the first one's
     (the rows read twice) and the window's readers fit ``max_readers`` (its products wait in one storage, its
-    gradients are gathered together; default: 64, or two of the widest group and one more). ``growth=0``
-    mixes each group on its own."""
+    gradients are gathered together; default: 64, or the widest group and one more). ``growth=0`` mixes
+    each group on its own."""
     if max_readers is None:
-        max_readers = max(64, 2 * max(widths) + 1)
+        max_readers = max(64, max(widths) + 1)
     windows: list[Window] = []
     start = 0
     for g in range(1, len(prefixes) + 1):

@@ -271,3 +271,32 @@ def test_mixing_windows_do_not_change_results(model_id, tokens):
             z1[mm.graph.edge_index(name)] = 0
             torch.testing.assert_close(mm(clean, cf, z1), patch_one_edge(model, clean, ref_cf, name),
                                        atol=ATOL, rtol=0, msg=lambda m: f"edge {name}: {m}")
+
+
+@pytest.mark.parametrize("model_id", ["hooked-gpt2", "hooked-neox", "bridge-llama"])
+def test_mixing_windows_when_later_readers_get_no_gradient(model_id, tokens):
+    """A loss taken inside the model (layer 0's attention output) sends gradients to layer 0's readers only: a
+    window's later groups then run no backward, and their share of the window's gradient must count as zero."""
+    model = make_model(model_id)
+    clean, corrupted = tokens
+    captured = {}
+
+    def keep(activation, hook):
+        captured["z"] = activation
+
+    with tep.masked(model) as mm:
+        cf = mm.interchange(corrupted)
+        z = torch.rand(mm.graph.shape, generator=torch.Generator().manual_seed(5)).requires_grad_(True)
+        grads = {}
+        for name, plan in PLANS.items():
+            mm._plan_mixing(**plan)
+            z.grad = None
+            with model.hooks(fwd_hooks=[("blocks.0.attn.hook_z", keep)]):
+                mm(clean, cf, z)
+            captured.pop("z").square().sum().backward()
+            grads[name] = z.grad.clone()
+    first = mm.graph.reader_groups[0]
+    assert grads["default"][:, first.start : first.stop].abs().sum() > 0
+    assert not grads["default"][:, first.stop :].any()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, grads["default"], atol=ATOL, rtol=0, msg=name)

@@ -61,10 +61,13 @@ def timed(fn, repeats: int, warmup: int = 1) -> dict:
     return {"min": min(times), "median": statistics.median(times), "max": max(times), "n": repeats}
 
 
-def timed_interleaved(steps: dict, repeats: int, warmup: int = 1) -> dict:
+def timed_interleaved(steps: dict, repeats: int, warmup: int = 1, settle: int = 0) -> dict:
     """Time several steps round-robin (a, b, a, b, ...), so that drift on a shared machine hits them alike.
 
-    Returns stats per step and, per later step, the stats of its per-round ratio to the first step."""
+    ``settle``: run each step that many times untimed right before its timed run (a a* b b* ...), so each is
+    timed in the allocator state its own previous run left, as in a loop of such steps; with 0, each step
+    first takes back memory the other step's frees returned to the kernel (glibc's trim), which on CPU costs
+    page faults. Returns stats per step and, per later step, the stats of its per-round ratio to the first."""
     names = list(steps)
     for _ in range(warmup):
         for name in names:
@@ -72,6 +75,8 @@ def timed_interleaved(steps: dict, repeats: int, warmup: int = 1) -> dict:
     times = {name: [] for name in names}
     for _ in range(repeats):
         for name in names:
+            for _ in range(settle):
+                steps[name]()
             t0 = time.perf_counter()
             steps[name]()
             times[name].append(time.perf_counter() - t0)

@@ -8,7 +8,8 @@ Edge Pruning step, core: sample hard-concrete edge and node masks, masked forwar
 masks (weights frozen), gradient clipping, AdamW. This is what auto-circuit's learned-mask step does too
 (benchmarks/peers.py). Edge Pruning step, real loop: the median per-step time of ``tep.edge_pruning`` itself,
 which also runs the corrupted forward (ỹ) and the full model's forward (target) of every new batch.
-Also printed: masked forward+backward with and without weight gradients, and TL's split-q/k/v flag alone.
+Also printed: masked forward+backward with and without weight gradients, TL's split-q/k/v flag alone, and the
+same flag with frozen weights and gradients into the residual stream only (the floor of a masked step).
 Plain and core steps are timed interleaved (plain, step, plain, ...) and their ratio is the median of the
 per-round ratios; then again with each timed run preceded by an untimed run of the same step (as in a loop of
 such steps: with glibc defaults, a step right after the other kind page-faults back the memory that the other's
@@ -62,6 +63,19 @@ def plain_step(model, clean):
     def step():
         model.zero_grad(set_to_none=True)
         loss_of(model(clean)).backward()
+
+    return step
+
+
+def residual_grad_step(model, clean):
+    """Forward+backward with gradients into the residual stream only (from the embeddings on), weights frozen: with
+    TL's split-q/k/v flag on, the floor of any masked step that needs per-head reader gradients."""
+    def embed_grad(x, hook):
+        return x.detach().requires_grad_(True)
+
+    def step():
+        with model.hooks(fwd_hooks=[("hook_embed", embed_grad)]):
+            loss_of(model(clean)).backward()
 
     return step
 
@@ -169,6 +183,8 @@ def measure(args) -> dict:
         model.set_use_hook_mlp_in(True)
         try:
             out["split_flag"] = timed(plain_step(model, clean), args.repeats)
+            with frozen_parameters(model):
+                out["split_frozen"] = timed(residual_grad_step(model, clean), args.repeats)
         finally:
             model.set_use_split_qkv_input(False)
             model.set_use_hook_mlp_in(False)
@@ -199,7 +215,8 @@ def report(r: dict) -> None:
             ("Edge Pruning step, real loop", "ep_loop_step"),
             ("masked fwd+bwd (mask grads, frozen)", "masked_frozen"),
             ("masked fwd+bwd (mask + param grads)", "masked_params"),
-            ("TL split-q/k/v flag only, no hooks", "split_flag")]
+            ("TL split-q/k/v flag only, no hooks", "split_flag"),
+            ("the same, frozen, gradient to resid only", "split_frozen")]
     for label, key in rows:
         if key in r:
             print(f"{label:<42}: {fmt_stats(r[key])}")

@@ -8,6 +8,7 @@ import torch
 
 import tl_edgeprune as tep
 from tl_edgeprune.adapter import ModelAdapter
+from tl_edgeprune.tracr_models import load_tracr
 
 from .conftest import MODEL_IDS, make_model
 from .reference import eap_scores, patch_one_edge, writer_cache_names, writer_output
@@ -23,7 +24,11 @@ def counterfactual_outputs(model, kind, corrupted):
     _, cache = model.run_with_cache(corrupted, names_filter=lambda n: n in names)
     if kind == "interchange":
         return lambda writer: writer_output(model, cache, writer)
-    return lambda writer: writer_output(model, cache, writer).mean(0, keepdim=True)  # per-position mean
+    def mean(writer):  # per-position mean over the batch (a batchless [pos, d_model] output is its own mean)
+        out = writer_output(model, cache, writer)
+        return out.expand(len(corrupted), *out.shape[-2:]).mean(0, keepdim=True)
+
+    return mean
 
 
 def engine_counterfactual(mm, kind, corrupted):
@@ -300,3 +305,24 @@ def test_mixing_windows_when_later_readers_get_no_gradient(model_id, tokens):
     assert not grads["default"][:, first.stop :].any()
     for name, grad in grads.items():
         torch.testing.assert_close(grad, grads["default"], atol=ATOL, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("kind", ["mean", "interchange"])
+def test_writer_outputs_without_a_batch_dimension(kind):
+    """The Tracr twin's positional embedding is [pos, d_model], with no batch dimension. Every example's delta
+    must still be written: under mean ablation a broadcast write once resized the buffer row instead (examples
+    after the first kept stale values). Single edges from that writer against manual patching, batch of 4."""
+    task = load_tracr("reverse", "toy")
+    model, clean = task.model, task.encode(task.inputs())[:4]
+    corrupted = clean.flip(0)
+    ref_cf = counterfactual_outputs(model, kind, corrupted)
+    with tep.masked(model) as mm:
+        cf = engine_counterfactual(mm, kind, corrupted)
+        graph = mm.graph
+        names = [n for n in graph.edge_names() if n.startswith("pos->")]
+        assert names
+        for name in names:
+            z = graph.ones()
+            z[graph.edge_index(name)] = 0
+            torch.testing.assert_close(mm(clean, cf, z), patch_one_edge(model, clean, ref_cf, name), atol=ATOL, rtol=0,
+                                       msg=lambda m: f"edge {name}: {m}")

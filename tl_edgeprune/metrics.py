@@ -49,7 +49,7 @@ def resolve_objective(objective: Union[str, Objective]) -> Objective:
 def _last_scored(batch: PairedData) -> torch.Tensor:
     """Index of the last scored position per example (where answers are read)."""
     width = batch.positions.shape[1]
-    return (batch.positions.long() * torch.arange(1, width + 1)).argmax(1)
+    return (batch.positions.long() * torch.arange(1, width + 1, device=batch.positions.device)).argmax(1)
 
 
 def answer_metrics(circuit_logits, full_logits, batch: PairedData) -> dict[str, float]:
@@ -57,7 +57,7 @@ def answer_metrics(circuit_logits, full_logits, batch: PairedData) -> dict[str, 
     out: dict[str, float] = {}
     if batch.answers is None:
         return out
-    rows = torch.arange(len(batch))
+    rows = torch.arange(len(batch), device=circuit_logits.device)
     at = _last_scored(batch).to(circuit_logits.device)
     logits = circuit_logits[rows, at].float()
     probs = logits.softmax(-1)

@@ -196,8 +196,8 @@ class _Write(Function):
         target = buffer.values[start:stop]
         if counterfactual is None:
             target.copy_(y)
-        else:
-            torch.sub(y, counterfactual, out=target)
+        else:  # y may lack the batch (a [1, pos, d_model] positional embedding): expand it, never resize target
+            torch.sub(y.expand(target.shape), counterfactual, out=target)
         ctx.buffer, ctx.start, ctx.stop = buffer, start, stop
         return y.new_zeros(())
 

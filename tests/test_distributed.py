@@ -44,8 +44,7 @@ def test_two_gloo_ranks_match_one_process_on_the_full_batch(tmp_path):
 
 
 def test_uneven_shards_are_refused():
-    from tl_edgeprune.edge_pruning import _shard
+    from tl_edgeprune.edge_pruning import _rank_slice
 
-    _, data = problem()
     with pytest.raises(tep.EdgePruneError, match="divisible by the 3 ranks"):
-        _shard(data.select(slice(0, 8)), 0, 3)
+        _rank_slice(8, 0, 3)

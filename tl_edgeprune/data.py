@@ -43,12 +43,21 @@ class PairedData:
 
     def batches(self, batch_size: int, shuffle_seed: int | None = None) -> Iterator["PairedData"]:
         """One epoch of batches; shuffled deterministically from the seed when one is given."""
+        for _, rows in self.batch_rows(batch_size, shuffle_seed):
+            yield self.select(rows)
+
+    def batch_rows(self, batch_size: int, shuffle_seed: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+        """(shard 0, row indices) of each batch of ``batches``: what per-example caches are keyed by."""
         n = len(self)
         order = torch.arange(n)
         if shuffle_seed is not None:
             order = torch.randperm(n, generator=torch.Generator().manual_seed(shuffle_seed))
         for start in range(0, n, batch_size):
-            yield self.select(order[start : start + batch_size])
+            yield 0, order[start : start + batch_size]
+
+    @property
+    def shards(self) -> list["PairedData"]:
+        return [self]
 
 
 @dataclass
@@ -74,8 +83,14 @@ class ShardedData:
 
     def batches(self, batch_size: int, shuffle_seed: int | None = None) -> Iterator[PairedData]:
         """Batches of each shard; with a seed, shuffled within shards and in their order across shards."""
+        for shard, rows in self.batch_rows(batch_size, shuffle_seed):
+            yield self.shards[shard].select(rows)
+
+    def batch_rows(self, batch_size: int, shuffle_seed: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+        """(shard, row indices within it) of each batch of ``batches``."""
         seeds = [None if shuffle_seed is None else shuffle_seed * 7919 + i for i in range(len(self.shards))]
-        batches = [b for shard, seed in zip(self.shards, seeds) for b in shard.batches(batch_size, seed)]
+        batches = [(i, rows) for i, (shard, seed) in enumerate(zip(self.shards, seeds))
+                   for _, rows in shard.batch_rows(batch_size, seed)]
         if shuffle_seed is not None:
             order = torch.randperm(len(batches), generator=torch.Generator().manual_seed(shuffle_seed))
             batches = [batches[i] for i in order]

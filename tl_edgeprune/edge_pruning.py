@@ -21,6 +21,7 @@ from .ablations import Ablation, counterfactual_source
 from .circuit import Circuit, _atomic_write
 from .data import PairedData, as_data
 from .engine import MaskedModel
+from .example_cache import ExampleCache
 from .errors import EdgePruneError
 from .graph import Graph, InputNodes
 from .hard_concrete import HardConcrete
@@ -52,6 +53,9 @@ class EdgePruningConfig:
     checkpoint_path: str | None = None
     checkpoint_every: int | None = None
     progress: bool = True
+    # Keep every example's ỹ and full-model logits after its first epoch if the whole dataset's take at most this
+    # many GiB (on the model's device); later epochs then skip both no-gradient forwards. 0 recomputes every step.
+    cache_gib: float = 2.0
 
     def validate(self) -> None:
         if not (0 < self.target_sparsity <= 2):
@@ -68,6 +72,8 @@ class EdgePruningConfig:
             raise EdgePruneError(f"sparsity_from must be 'sampled' or 'expected', got {self.sparsity_from!r}")
         if self.lr <= 0 or self.lambda_lr <= 0:
             raise EdgePruneError("learning rates must be positive")
+        if not self.cache_gib >= 0:
+            raise EdgePruneError(f"cache_gib must be >= 0 (0 turns the per-example cache off), got {self.cache_gib}")
         if self.checkpoint_every is not None and (self.checkpoint_every < 1 or not self.checkpoint_path):
             raise EdgePruneError("checkpoint_every needs a checkpoint_path and a positive interval")
 
@@ -120,13 +126,12 @@ def _data_parallel() -> tuple[int, int]:
     return 0, 1
 
 
-def _shard(batch: PairedData, rank: int, world: int) -> PairedData:
-    """This rank's equal slice of a batch; the mean of the ranks' gradients is then the full batch's."""
-    n = len(batch)
+def _rank_slice(n: int, rank: int, world: int) -> slice:
+    """This rank's equal slice of a batch of n; the mean of the ranks' gradients is then the full batch's."""
     if n % world:
         raise EdgePruneError(f"data-parallel Edge Pruning needs batches divisible by the {world} ranks; got {n} "
                              "(choose batch_size and a dataset size that are multiples of the world size)")
-    return batch.select(slice(rank * n // world, (rank + 1) * n // world))
+    return slice(rank * n // world, (rank + 1) * n // world)
 
 
 def _gate(log_alpha: torch.Tensor) -> HardConcrete:
@@ -160,15 +165,17 @@ class StepBatches:
 
     def __init__(self, data, batch_size: int, seed: int):
         self.data, self.batch_size, self.seed = data, batch_size, seed
-        self.per_epoch = sum(1 for _ in data.batches(batch_size))
-        self.epoch, self.batches = None, []
+        self.per_epoch = sum(1 for _ in data.batch_rows(batch_size))
+        self.epoch, self.rows = None, []
 
-    def __call__(self, step: int) -> PairedData:
+    def __call__(self, step: int) -> tuple[PairedData, int, torch.Tensor]:
+        """(batch, its shard, its rows in that shard): the rows key the per-example cache."""
         epoch, index = divmod(step, self.per_epoch)
         if epoch != self.epoch:
             self.epoch = epoch
-            self.batches = list(self.data.batches(self.batch_size, shuffle_seed=self.seed * 1_000_003 + epoch))
-        return self.batches[index]
+            self.rows = list(self.data.batch_rows(self.batch_size, shuffle_seed=self.seed * 1_000_003 + epoch))
+        shard, rows = self.rows[index]
+        return self.data.shards[shard].select(rows), shard, rows
 
 
 def edge_pruning(
@@ -218,6 +225,7 @@ def edge_pruning(
         if resume:
             start, history = _load_checkpoint(cfg, edge_gates, node_gates, lambdas, optimizer, scheduler, gen)
         source = counterfactual_source(mm, cfg.ablation, data, mean_reference, single_use=True)  # keep y − ỹ only
+        per_example = ExampleCache(mm, data, source, cfg.cache_gib)
 
         def save(step: int, path: str) -> None:
             if rank != 0:  # masks are replicated: one rank writes
@@ -227,13 +235,12 @@ def edge_pruning(
         step_batches = StepBatches(data, cfg.batch_size, cfg.seed)
         bar = tqdm(range(start, cfg.steps), disable=not cfg.progress or rank != 0, desc="edge pruning", initial=start, total=cfg.steps)
         for step in bar:
-            batch = step_batches(step)
+            batch, shard, rows = step_batches(step)
             if world > 1:
-                batch = _shard(batch, rank, world)
+                mine = _rank_slice(len(batch), rank, world)
+                batch, rows = batch.select(mine), rows[mine]
             batch = batch.to(device)
-            cf = source(batch)
-            with torch.no_grad():  # the target: the unmasked model, by its own (cheaper) forward
-                full = mm.full_logits(batch.clean, batch.attention_mask)
+            cf, full = per_example(batch, shard, rows)  # ỹ and the target (the unmasked model's logits)
             z = edge_gates.sample(gen) * trainable_f
             nodes = node_gates.sample(gen) if node_gates is not None else None
             logits = mm(batch.clean, cf, z, nodes, attention_mask=batch.attention_mask)
@@ -284,6 +291,7 @@ def edge_pruning(
             history=history,
             config=cfg,
             seconds=time.perf_counter() - t0,
+            info={"example_cache": per_example.describe()},
         )
 
 

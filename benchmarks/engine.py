@@ -7,7 +7,9 @@ Edge Pruning step, core: sample hard-concrete edge and node masks, masked forwar
 ỹ and the full model's logits precomputed for the batch), KL + Lagrangian sparsity terms, backward into the
 masks (weights frozen), gradient clipping, AdamW. This is what auto-circuit's learned-mask step does too
 (benchmarks/peers.py). Edge Pruning step, real loop: the median per-step time of ``tep.edge_pruning`` itself,
-which also runs the corrupted forward (ỹ) and the full model's forward (target) of every new batch.
+which also runs the corrupted forward (ỹ) and the full model's forward (target) of every batch it has not seen
+(``cache_gib=0``: every step, as in a first epoch or a dataset too big to cache), or gathers them from its
+per-example cache (later epochs, the default when the dataset fits).
 Also printed: masked forward+backward with and without weight gradients, TL's split-q/k/v flag alone, and the
 same flag with frozen weights and gradients into the residual stream only (the floor of a masked step).
 Plain and core steps are timed interleaved (plain, step, plain, ...) and their ratio is the median of the
@@ -136,11 +138,12 @@ def edge_pruning_step(mm, clean, corrupted, target_sparsity: float = 0.5, per_st
     return step
 
 
-def loop_step_seconds(model, clean, corrupted, steps: int) -> dict:
-    """Per-step wall time of tep.edge_pruning (interchange: corrupted + full + masked forwards each step)."""
+def loop_step_seconds(model, clean, corrupted, steps: int, cache_gib: float) -> dict:
+    """Per-step wall time of tep.edge_pruning on a one-batch dataset: with cache_gib=0 every step runs the
+    corrupted, full and masked forwards; with the cache, every step after the first gathers ỹ and the target."""
     stamps = []
     data = paired_data(clean, corrupted, positions="last")
-    tep.edge_pruning(model, data, 0.5, steps=steps, batch_size=len(clean), progress=False,
+    tep.edge_pruning(model, data, 0.5, steps=steps, batch_size=len(clean), progress=False, cache_gib=cache_gib,
                      callback=lambda step, row: stamps.append(time.perf_counter()))
     times = [b - a for a, b in zip(stamps, stamps[1:])][1:]  # drop the first interval (warm-up)
     times.sort()
@@ -177,7 +180,8 @@ def measure(args) -> dict:
     out["ep_step_settled_ratio"] = settled["ep_step/plain"]
     if args.only_step:
         return out
-    out["ep_loop_step"] = loop_step_seconds(model, clean, corrupted, steps=args.repeats + 2)
+    out["ep_loop_step"] = loop_step_seconds(model, clean, corrupted, steps=args.repeats + 2, cache_gib=0)
+    out["ep_loop_cached"] = loop_step_seconds(model, clean, corrupted, steps=args.repeats + 2, cache_gib=64)
     if hasattr(model, "set_use_split_qkv_input"):  # TL's own cost of per-head q/k/v inputs, without our hooks
         model.set_use_split_qkv_input(True)
         model.set_use_hook_mlp_in(True)
@@ -212,7 +216,8 @@ def report(r: dict) -> None:
             ("Edge Pruning step, core (fwd+bwd+AdamW)", "ep_step"),
             ("plain, second of two in a row", "plain_settled"),
             ("Edge Pruning step, core, second of two", "ep_step_settled"),
-            ("Edge Pruning step, real loop", "ep_loop_step"),
+            ("Edge Pruning step, real loop, recomputing", "ep_loop_step"),
+            ("the same, later epochs (ỹ, target cached)", "ep_loop_cached"),
             ("masked fwd+bwd (mask grads, frozen)", "masked_frozen"),
             ("masked fwd+bwd (mask + param grads)", "masked_params"),
             ("TL split-q/k/v flag only, no hooks", "split_flag"),

@@ -55,12 +55,13 @@ def buffer_ratio(model, batch: int, seq: int, clean, corrupted) -> None:
     """Bytes the engine holds during one masked step, measured on the tensors themselves: writer tensors (ỹ and the
     deltas; with a reusable ỹ the pooled delta buffer sits beside it, with a single-use ỹ the deltas overwrite it,
     as in the loop; the gradient twin in backward) and the mixing's working storage (the windows' products in the
-    forward, the gathered reader gradients in backward), each ÷ writers × batch × seq × d_model × 4 bytes."""
+    forward, the gathered reader gradients in backward), each ÷ writers × batch × seq × d_model × 4 bytes. (With
+    every mask 1, as in EAP, the deltas get no gradient and the twin is never allocated.)"""
     theory = tep.Graph.from_model(model).n_writers * batch * seq * model.cfg.d_model * 4
     for single_use in (False, True):
         with tep.masked(model) as mm:
             cf = mm.interchange(corrupted, single_use=single_use)
-            z = mm.graph.ones().requires_grad_(True)
+            z = torch.full(mm.graph.shape, 0.9).requires_grad_(True)  # masks that remove something, as in a step
             mm(clean, cf, z)[:, -1].log_softmax(-1).mean().backward()
             (slot, _), = mm._pool._slots.values()
             values, grad, scratch, products = (0 if t is None or t.data_ptr() == cf.values.data_ptr() else t.nbytes

@@ -87,7 +87,8 @@ def eap(
     with frozen_parameters(model), MaskedModel(model, input_nodes=input_nodes) as mm:
         graph = mm.graph
         total = torch.zeros(graph.shape, dtype=torch.float64)
-        source = counterfactual_source(mm, ablation, data, mean_reference)
+        # plain EAP reads each ỹ once: keep only y − ỹ (EAP-IG reads ỹ for its fixed deltas, then every step)
+        source = counterfactual_source(mm, ablation, data, mean_reference, single_use=ig_steps is None)
         batches = list(data.batches(batch_size))
         for batch in tqdm(batches, disable=not progress, desc="EAP-IG" if ig_steps else "EAP"):
             batch = batch.to(mm.device)

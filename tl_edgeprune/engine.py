@@ -49,6 +49,7 @@ class _Run:
         self.plain = False  # run with the model's own flags: no per-head q/k/v inputs, only writers fire
         self.stop_when_written = False  # end the forward once every writer fired (no final norm, no unembed)
         self.in_place: torch.Tensor | None = None  # single-use ỹ: the deltas overwrite it (mix mode)
+        self.removes_nothing = False  # every mask 1 (EAP): the mixing's products are exactly 0
 
 
 class MaskedModel:
@@ -156,6 +157,7 @@ class MaskedModel:
         if cf is not None:
             cf = cf.to(device=self.device, dtype=removal.dtype)
         run = _Run("mix", len(self.graph.writer_chunks), removal=removal, cf_values=cf)
+        run.removes_nothing = removal.device.type != "meta" and not bool(removal.detach().any())  # meta: no values
         if counterfactual.single_use and fixed_deltas is None:
             counterfactual.spent = True  # before the forward: an exception midway leaves it half overwritten
             if cf is not None and cf.is_contiguous() and cf.shape[1:3] == tokens.shape:
@@ -165,6 +167,7 @@ class MaskedModel:
             if tuple(fixed_deltas.shape) != expected:
                 raise EdgePruneError(f"fixed_deltas must have shape {list(expected)}, got {list(fixed_deltas.shape)}")
             run.buffer = DeltaBuffer.fixed(fixed_deltas.detach().to(device=self.device, dtype=removal.dtype))
+            run.buffer.coef_zero = run.removes_nothing
             run.fixed_deltas = True
         return self._execute(run, tokens, attention_mask)
 
@@ -400,6 +403,7 @@ class MaskedModel:
             if run.buffer is None:
                 if run.mode == "mix":  # capture buffers are handed to the caller: never reused
                     run.buffer = self._pool.buffer(self.graph.n_writers, y.shape[1:], y.dtype, y.device, run.in_place)
+                    run.buffer.coef_zero = run.removes_nothing
                 else:
                     run.buffer = DeltaBuffer(self.graph.n_writers, y.shape[1:], y.dtype, y.device)
             cf = None

@@ -37,6 +37,9 @@ class DeltaBuffer:
         self.grad_filled = [False] * n_writers  # rows of grad that hold sums; the others are uninitialised
         self.written = [False] * n_writers
         self._lent: dict[tuple[int, int], torch.Tensor] = {}  # (slot, window) -> storage that window is using
+        # Every coefficient is exactly 0 (all masks 1: EAP's gradient at z = 1): the products are 0 and the deltas
+        # get no gradient, so only the mask gradient's GEMM runs (the others would read the buffer for zeros).
+        self.coef_zero = False
         self.scratch_filled: dict[int, set[int]] = {}  # window -> offsets whose gradients are gathered
 
     @classmethod
@@ -215,7 +218,10 @@ class _MixWindow(Function):
     @staticmethod
     def forward(ctx, coef, buffer: DeltaBuffer, window: Window, split_sizes: tuple[int, ...], *tokens):
         products = buffer.window_products(window.index, window.n_readers)
-        torch.mm(coef.t(), buffer.rows(0, window.prefix), out=products.view(window.n_readers, -1))
+        if buffer.coef_zero:
+            products.zero_()
+        else:
+            torch.mm(coef.t(), buffer.rows(0, window.prefix), out=products.view(window.n_readers, -1))
         ctx.save_for_backward(coef)
         ctx.buffer, ctx.window, ctx.split_sizes, ctx.n_tokens = buffer, window, split_sizes, len(tokens)
         own = sum(split_sizes)
@@ -234,7 +240,7 @@ class _MixWindow(Function):
                 grad_out[offset:end].zero_()
         flat = grad_out.view(window.n_readers, -1)
         grad_coef = buffer.rows(0, window.prefix).mm(flat.t()) if ctx.needs_input_grad[0] else None
-        if any(ctx.needs_input_grad[4:]):
+        if any(ctx.needs_input_grad[4:]) and not buffer.coef_zero:
             buffer.accumulate_grad(0, window.prefix, coef, flat)
         buffer.scratch_read(window.index)
         return (grad_coef, None, None, None, *(coef.new_zeros(()) for _ in range(ctx.n_tokens)))
@@ -249,7 +255,7 @@ class _MixRest(Function):
                 split_sizes: tuple[int, ...], *tokens):
         n_out = coef.shape[1]
         products = buffer.window_products(window.index, window.n_readers)[offset : offset + n_out]
-        if stop > window.prefix:
+        if stop > window.prefix and not buffer.coef_zero:
             products.view(n_out, -1).addmm_(coef.t(), buffer.rows(window.prefix, stop))
         ctx.save_for_backward(coef)
         ctx.buffer, ctx.window, ctx.offset, ctx.stop = buffer, window, offset, stop
@@ -267,7 +273,7 @@ class _MixRest(Function):
         grad_coef = None
         if ctx.needs_input_grad[0]:
             grad_coef = buffer.rows(window.prefix, ctx.stop).mm(flat.t())
-        if any(ctx.needs_input_grad[7:]):
+        if any(ctx.needs_input_grad[7:]) and not buffer.coef_zero:
             buffer.accumulate_grad(window.prefix, ctx.stop, coef, flat)
         window_token_grad = coef.new_zeros(()) if ctx.needs_input_grad[1] else None
         return (grad_coef, window_token_grad, None, None, None, None, None,

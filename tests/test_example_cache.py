@@ -42,12 +42,25 @@ def recomputed(mm, batch):
         return cf.values, mm.full_logits(batch.clean, batch.attention_mask)
 
 
+def assert_target_close(full, expected, batch, scored_only):
+    """All positions, or the scored ones (and zeros elsewhere) when only those are kept."""
+    if scored_only:
+        pos = batch.positions
+        torch.testing.assert_close(full[pos], expected[pos], atol=ATOL, rtol=0)
+        assert not full[~pos].any()
+    else:
+        torch.testing.assert_close(full, expected, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("scored_only", [False, True])
 @pytest.mark.parametrize("ablation", ["interchange", "mean"])
-def test_later_epochs_gather_what_a_recomputation_gives_without_a_forward(ablation):
+def test_later_epochs_gather_what_a_recomputation_gives_without_a_forward(ablation, scored_only):
     model, data = problem()
+    gen = torch.Generator().manual_seed(3)  # 0 to 5 scored positions per example
+    data.positions = torch.rand(data.positions.shape, generator=gen) < torch.linspace(0, 1, len(data))[:, None]
     with tep.masked(model) as mm:
         source = counterfactual_source(mm, ablation, data, single_use=True)
-        cache = ExampleCache(mm, data, source, budget_gib=1.0)
+        cache = ExampleCache(mm, data, source, budget_gib=1.0, scored_only=scored_only)
         counter = ForwardCounter(model)
         try:
             for shard, rows in data.batch_rows(4, shuffle_seed=0):  # epoch 1: 3 batches, 2 forwards each
@@ -59,7 +72,7 @@ def test_later_epochs_gather_what_a_recomputation_gives_without_a_forward(ablati
                 cf, full = cache(batch, shard, rows)
                 assert counter.calls == before  # no forward at all
                 values, expected_full = recomputed(mm, batch)
-                torch.testing.assert_close(full, expected_full, atol=ATOL, rtol=0)
+                assert_target_close(full, expected_full, batch, scored_only)
                 if ablation == "interchange":
                     assert cf.single_use and tuple(cf.values.shape) == tuple(values.shape)
                     torch.testing.assert_close(cf.values, values, atol=ATOL, rtol=0)
@@ -69,6 +82,8 @@ def test_later_epochs_gather_what_a_recomputation_gives_without_a_forward(ablati
             counter.handle.remove()
     assert first_epoch == (6 if ablation == "interchange" else 3)  # ỹ (interchange only) and target per batch
     assert cache.enabled and cache.describe().startswith("on")
+    kept = int(data.positions.sum(1).max()) if scored_only else data.clean.shape[1]
+    assert cache.logits[0].shape[:2] == (len(data), kept) and 0 < kept
 
 
 def test_a_batch_of_seen_and_unseen_rows_computes_only_the_unseen():
@@ -141,6 +156,24 @@ def test_edge_pruning_with_the_cache_learns_the_masks_of_recomputing_every_step(
     assert (recomputing.edge_log_alpha - recomputing.edge_log_alpha.flatten()[0]).abs().max() > 0  # it trained
     torch.testing.assert_close(cached.edge_log_alpha, recomputing.edge_log_alpha, atol=1e-4, rtol=0)
     torch.testing.assert_close(cached.node_log_alpha, recomputing.node_log_alpha, atol=1e-4, rtol=0)
+
+
+def test_a_custom_objective_gets_the_target_at_every_position():
+    """Only the built-in objectives are known to read scored positions alone; this one reads position 0."""
+    model, data = problem()
+
+    def first_position_kl(circuit, full, batch):  # positions="last": position 0 is not scored
+        log_q, log_p = circuit[:, 0].log_softmax(-1), full[:, 0].log_softmax(-1)
+        return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+
+    opts = dict(steps=9, sparsity_warmup=4, lr_warmup=1, batch_size=4, progress=False, seed=4,
+                objective=first_position_kl)
+    cached = tep.edge_pruning(model, data, 0.5, **opts)
+    recomputing = tep.edge_pruning(model, data, 0.5, cache_gib=0, **opts)
+    assert cached.info["example_cache"].startswith("on")
+    torch.testing.assert_close(torch.tensor(cached.history["objective"]), torch.tensor(recomputing.history["objective"]),
+                               atol=1e-6, rtol=0)
+    # (Zeros at position 0, as a scored-only cache would give, make this KL(uniform ‖ circuit) > 0 in later epochs.)
 
 
 def test_a_negative_budget_is_refused():

@@ -25,7 +25,7 @@ from .example_cache import ExampleCache
 from .errors import EdgePruneError
 from .graph import Graph, InputNodes
 from .hard_concrete import HardConcrete
-from .metrics import Objective, resolve_objective
+from .metrics import OBJECTIVES, Objective, resolve_objective
 
 
 @dataclass
@@ -53,8 +53,9 @@ class EdgePruningConfig:
     checkpoint_path: str | None = None
     checkpoint_every: int | None = None
     progress: bool = True
-    # Keep every example's ỹ and full-model logits after its first epoch if the whole dataset's take at most this
-    # many GiB (on the model's device); later epochs then skip both no-gradient forwards. 0 recomputes every step.
+    # Keep every example's ỹ and full-model logits (at its scored positions, for the built-in objectives) after its
+    # first epoch if the whole dataset's take at most this many GiB (on the model's device); later epochs then skip
+    # both no-gradient forwards. 0 recomputes every step.
     cache_gib: float = 2.0
 
     def validate(self) -> None:
@@ -225,7 +226,8 @@ def edge_pruning(
         if resume:
             start, history = _load_checkpoint(cfg, edge_gates, node_gates, lambdas, optimizer, scheduler, gen)
         source = counterfactual_source(mm, cfg.ablation, data, mean_reference, single_use=True)  # keep y − ỹ only
-        per_example = ExampleCache(mm, data, source, cfg.cache_gib)
+        # the built-in objectives read the target at scored positions only: the cache keeps just those
+        per_example = ExampleCache(mm, data, source, cfg.cache_gib, scored_only=objective in OBJECTIVES.values())
 
         def save(step: int, path: str) -> None:
             if rank != 0:  # masks are replicated: one rank writes

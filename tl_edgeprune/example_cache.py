@@ -27,6 +27,9 @@ class ExampleCache:
     whole dataset is allocated on the model's device and filled as examples are first seen; otherwise nothing
     is kept and every batch is recomputed. Values equal a recomputation up to float rounding (the same row
     computed in another batch can round differently); the first epoch is bit-identical to no cache.
+
+    ``scored_only``: keep the logits of each example's scored positions only (the built-in objectives read
+    nothing else; with ``positions="last"`` that is 1/pos of the logits); gathered batches hold zeros elsewhere.
     """
 
     def __init__(
@@ -35,14 +38,17 @@ class ExampleCache:
         data: PairedData | ShardedData,
         source: Callable[[PairedData], Counterfactual],
         budget_gib: float,
+        scored_only: bool = False,
     ):
         self.mm, self.data, self.source, self.budget_gib = mm, data, source, budget_gib
+        self.scored_only = scored_only
         self.decided = budget_gib <= 0
         self.enabled = False
         self.needed_gib: float | None = None
         self.fixed: Counterfactual | None = None  # a batch-independent ỹ (not interchange)
         self.values: dict[int, torch.Tensor] = {}  # shard -> [writer, n, pos, d_model]
-        self.logits: dict[int, torch.Tensor] = {}  # shard -> [n, pos, vocab]
+        self.logits: dict[int, torch.Tensor] = {}  # shard -> [n, pos, vocab], or [n, most scored, vocab]
+        self.slot_of: dict[int, torch.Tensor] = {}  # shard -> [n, pos]: a scored position's row in logits[shard][i]
         self.filled: dict[int, torch.Tensor] = {}  # shard -> [n] bool
 
     def describe(self) -> str:
@@ -88,33 +94,60 @@ class ExampleCache:
         self.decided = True
         per_example = cf.kind == "interchange" and cf.values is not None
         self.fixed = None if per_example else cf
-        per_position = full[0, 0].numel() * full.element_size()
-        if per_example:
-            per_position += cf.values[:, 0, 0].numel() * cf.values.element_size()
+        logits_bytes = full[0, 0].numel() * full.element_size()  # per stored position
+        values_bytes = cf.values[:, 0, 0].numel() * cf.values.element_size() if per_example else 0
         shards = self.data.shards
-        self.needed_gib = sum(len(s) * s.clean.shape[1] for s in shards) * per_position / GIB
+        kept = [self._kept_positions(s) for s in shards]
+        self.needed_gib = sum(len(s) * (s.clean.shape[1] * values_bytes + k * logits_bytes)
+                              for s, k in zip(shards, kept)) / GIB
         self.enabled = self.needed_gib <= self.budget_gib
         if not self.enabled:
             return
-        for i, s in enumerate(shards):
+        for i, (s, k) in enumerate(zip(shards, kept)):
             n, pos = s.clean.shape
             if per_example:
                 v = cf.values
                 self.values[i] = torch.empty((v.shape[0], n, pos, v.shape[-1]), dtype=v.dtype, device=v.device)
-            self.logits[i] = torch.empty((n, pos, full.shape[-1]), dtype=full.dtype, device=full.device)
+            self.logits[i] = torch.empty((n, k, full.shape[-1]), dtype=full.dtype, device=full.device)
+            if self.scored_only:
+                self.slot_of[i] = (s.positions.long().cumsum(1) - 1).cpu()
             self.filled[i] = torch.zeros(n, dtype=torch.bool, device=full.device)
+
+    def _kept_positions(self, shard: PairedData) -> int:
+        """Logit rows kept per example: every position, or the most any example scores."""
+        if not self.scored_only:
+            return int(shard.clean.shape[1])
+        return int(shard.positions.sum(1).max())
+
+    def _scored(self, shard: int, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(batch row, position, slot in the store) of every scored position of ``rows``, on the model's device."""
+        positions = self.data.shards[shard].positions[rows.to(self.data.shards[shard].positions.device)].cpu()
+        at, pos = positions.nonzero(as_tuple=True)
+        slot = self.slot_of[shard][rows.cpu()[at], pos]
+        device = self.logits[shard].device
+        return at.to(device), pos.to(device), slot.to(device)
 
     def _store(self, shard: int, rows: torch.Tensor, cf: Counterfactual, full: torch.Tensor) -> None:
         """Copy a batch's values in before the masked forward overwrites a single-use ỹ with y − ỹ."""
         index = rows.to(full.device)
         if shard in self.values:
             self.values[shard].index_copy_(1, index, cf.values)
-        self.logits[shard].index_copy_(0, index, full)
+        if self.scored_only:
+            at, pos, slot = self._scored(shard, rows)
+            self.logits[shard][index[at], slot] = full[at, pos]
+        else:
+            self.logits[shard].index_copy_(0, index, full)
         self.filled[shard][index] = True
 
     def _gather(self, shard: int, rows: torch.Tensor) -> tuple[Counterfactual, torch.Tensor]:
-        index = rows.to(self.logits[shard].device)
-        full = self.logits[shard].index_select(0, index)
+        store = self.logits[shard]
+        index = rows.to(store.device)
+        if self.scored_only:
+            full = store.new_zeros((len(rows), self.data.shards[shard].clean.shape[1], store.shape[-1]))
+            at, pos, slot = self._scored(shard, rows)
+            full[at, pos] = store[index[at], slot]
+        else:
+            full = store.index_select(0, index)
         if self.fixed is not None:  # mean/zero/user-given ablations: one ỹ for every batch
             return self.fixed, full
         values = self.values[shard].index_select(1, index)

@@ -108,10 +108,11 @@ def edge_pruning_step(mm, clean, corrupted, target_sparsity: float = 0.5, per_st
     graph = mm.graph
     data = paired_data(clean, corrupted, positions="last")
     cf = full = None
+    at = data.positions  # as the loop does for the built-in objectives: unembed the scored positions only
     if not per_step_counterfactual:
         cf = mm.interchange(corrupted)
         with torch.no_grad():
-            full = mm.full_logits(clean)
+            full = mm.full_logits(clean, at=at)
     gen = torch.Generator().manual_seed(0)
     edges, nodes = HardConcrete(graph.shape, gen), HardConcrete((graph.n_writers,), gen)
     lambdas = torch.nn.Parameter(torch.zeros(2))
@@ -124,9 +125,9 @@ def edge_pruning_step(mm, clean, corrupted, target_sparsity: float = 0.5, per_st
         if per_step_counterfactual:
             cf = mm.interchange(corrupted, single_use=True)
             with torch.no_grad():
-                full = mm.full_logits(clean)
+                full = mm.full_logits(clean, at=at)
         z = edges.sample(gen) * valid
-        logits = mm(clean, cf, z, nodes.sample(gen))
+        logits = mm(clean, cf, z, nodes.sample(gen), logits_at=at)
         gap = 1 - (edges.prob_nonzero() * valid).sum() / graph.n_edges - target_sparsity
         loss = kl_divergence(logits, full, data) + lambdas[0] * gap + lambdas[1] * gap**2
         optimizer.zero_grad(set_to_none=True)

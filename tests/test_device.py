@@ -61,11 +61,12 @@ def test_masked_step_stays_on_the_model_device(on_meta, model_id, tokens):
         nodes = HardConcrete((mm.graph.n_writers,), gen, mm.device)
         cf = mm.interchange(corrupted, single_use=True)
         assert cf.values.device == META
-        with torch.no_grad():
-            full = mm.full_logits(clean)
-        logits = mm(clean, cf, edges.sample(gen), nodes.sample(gen))
-        assert logits.device == META and full.device == META
         batch = paired_data(clean, corrupted, positions="last").to(mm.device)
+        with torch.no_grad():  # the loop's path: only the scored positions are unembedded
+            full = mm.full_logits(clean, at=batch.positions)
+            assert mm.full_logits(clean).device == META
+        logits = mm(clean, cf, edges.sample(gen), nodes.sample(gen), logits_at=batch.positions)
+        assert logits.device == META and full.device == META
         kl_divergence(logits, full, batch).backward()
         assert edges.log_alpha.grad.device == META and nodes.log_alpha.grad.device == META
     assert all(p.device == META for p in model.parameters())

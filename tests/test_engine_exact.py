@@ -10,7 +10,7 @@ import tl_edgeprune as tep
 from tl_edgeprune.adapter import ModelAdapter
 from tl_edgeprune.tracr_models import load_tracr
 
-from .conftest import MODEL_IDS, make_model
+from .conftest import HAS_HOOKED, MODEL_IDS, make_model
 from .reference import eap_scores, patch_one_edge, writer_cache_names, writer_output
 
 ATOL = 1e-5
@@ -326,3 +326,56 @@ def test_writer_outputs_without_a_batch_dimension(kind):
             z[graph.edge_index(name)] = 0
             torch.testing.assert_close(mm(clean, cf, z), patch_one_edge(model, clean, ref_cf, name), atol=ATOL, rtol=0,
                                        msg=lambda m: f"edge {name}: {m}")
+
+
+def scored_positions(shape, seed=8):
+    """A few positions per example, at least one, varying between examples (as with padding or many answers)."""
+    at = torch.rand(shape, generator=torch.Generator().manual_seed(seed)) < 0.3
+    at[:, -1] = True
+    return at
+
+
+@pytest.mark.parametrize("model_id", MODEL_IDS + ["toy-reverse"])
+def test_logits_at_unembeds_only_the_scored_positions(model_id, tokens):
+    """Masked forward, its mask gradient and the target with ``logits_at`` equal the full computation at the scored
+    positions (the final norm and unembedding run on those rows alone), and are 0 elsewhere."""
+    if model_id == "toy-reverse":
+        task = load_tracr("reverse", "toy")
+        model, clean = task.model, task.encode(task.inputs())[:3]
+        corrupted = clean.flip(0)
+    else:
+        model = make_model(model_id)
+        clean, corrupted = tokens
+    at = scored_positions(clean.shape)
+    gen = torch.Generator().manual_seed(2)
+    with tep.masked(model) as mm:
+        cf = mm.interchange(corrupted)
+        z0 = torch.rand(mm.graph.shape, generator=gen)
+        nodes = torch.rand(mm.graph.n_writers, generator=gen)
+        outs, grads = {}, {}
+        for name, where in (("all", None), ("at", at)):
+            z = z0.clone().requires_grad_(True)
+            outs[name] = mm(clean, cf, z, nodes, logits_at=where)
+            outs[name][at].log_softmax(-1)[:, 1].sum().backward()
+            grads[name] = z.grad
+        full, full_at = mm.full_logits(clean), mm.full_logits(clean, at=at)
+    torch.testing.assert_close(outs["at"][at], outs["all"][at], atol=ATOL, rtol=0)
+    assert not outs["at"][~at].any() and not full_at[~at].any()
+    torch.testing.assert_close(full_at[at], full[at], atol=ATOL, rtol=0)
+    torch.testing.assert_close(full, model(clean), atol=0, rtol=0)
+    assert grads["all"].abs().max() > 1e-3
+    torch.testing.assert_close(grads["at"], grads["all"], atol=ATOL, rtol=0)
+
+
+def test_logits_at_must_be_a_bool_mask_of_the_tokens_shape(tokens):
+    model = make_model("hooked-gpt2" if HAS_HOOKED else "bridge-gpt2")
+    clean, corrupted = tokens
+    with tep.masked(model) as mm:
+        cf = mm.interchange(corrupted, single_use=True)
+        with pytest.raises(tep.EdgePruneError, match="bool tensor of the tokens' shape"):
+            mm(clean, cf, logits_at=torch.ones(clean.shape[0], dtype=torch.bool))
+        assert not cf.spent  # refused before the forward: the single-use ỹ is still usable
+        with pytest.raises(tep.EdgePruneError, match="selects no position"):
+            mm.full_logits(clean, at=torch.zeros(clean.shape, dtype=torch.bool))
+        with pytest.raises(tep.EdgePruneError, match="bool tensor"):
+            mm.full_logits(clean, at=torch.ones(clean.shape))

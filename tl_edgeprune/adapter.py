@@ -88,6 +88,14 @@ class ModelAdapter:
     def n_ctx(self) -> int:
         return int(getattr(self.cfg, "n_ctx", 0) or 1 << 30)
 
+    @property
+    def unembed_input_hook(self) -> str:
+        """Where the rows to unembed can be chosen: the model's code after it acts per position on any shape (the
+        bridge's HF model reshapes after its final norm, so there it is the unembedding's own input)."""
+        if self.kind == "bridge":
+            return "unembed.hook_in"
+        return f"blocks.{self.cfg.n_layers - 1}.hook_resid_post"
+
     def architecture_name(self) -> str:
         return str(getattr(self.cfg, "original_architecture", None) or type(self.model).__name__)
 

@@ -226,8 +226,9 @@ def edge_pruning(
         if resume:
             start, history = _load_checkpoint(cfg, edge_gates, node_gates, lambdas, optimizer, scheduler, gen)
         source = counterfactual_source(mm, cfg.ablation, data, mean_reference, single_use=True)  # keep y − ỹ only
-        # the built-in objectives read the target at scored positions only: the cache keeps just those
-        per_example = ExampleCache(mm, data, source, cfg.cache_gib, scored_only=objective in OBJECTIVES.values())
+        # The built-in objectives read scored positions only: only those are unembedded, and cached.
+        scored_only = objective in OBJECTIVES.values()
+        per_example = ExampleCache(mm, data, source, cfg.cache_gib, scored_only=scored_only)
 
         def save(step: int, path: str) -> None:
             if rank != 0:  # masks are replicated: one rank writes
@@ -245,7 +246,8 @@ def edge_pruning(
             cf, full = per_example(batch, shard, rows)  # ỹ and the target (the unmasked model's logits)
             z = edge_gates.sample(gen) * trainable_f
             nodes = node_gates.sample(gen) if node_gates is not None else None
-            logits = mm(batch.clean, cf, z, nodes, attention_mask=batch.attention_mask)
+            logits = mm(batch.clean, cf, z, nodes, attention_mask=batch.attention_mask,
+                        logits_at=batch.positions if scored_only else None)
             obj = objective(logits, full, batch)
             if cfg.sparsity_from == "sampled":
                 sparsity = 1 - z.sum() / n_edges

@@ -14,7 +14,7 @@ from typing import Any, Iterable, Sequence
 
 import einops
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 
 from .adapter import ModelAdapter, post_norm_message
 from .counterfactual import Counterfactual
@@ -50,6 +50,7 @@ class _Run:
         self.stop_when_written = False  # end the forward once every writer fired (no final norm, no unembed)
         self.in_place: torch.Tensor | None = None  # single-use ỹ: the deltas overwrite it (mix mode)
         self.removes_nothing = False  # every mask 1 (EAP): the mixing's products are exactly 0
+        self.logits_at: torch.Tensor | None = None  # [batch, pos] bool: unembed only these positions
 
 
 class MaskedModel:
@@ -131,15 +132,19 @@ class MaskedModel:
         node_mask: Float[torch.Tensor, " writer"] | None = None,
         attention_mask: Int[torch.Tensor, "batch pos"] | None = None,
         fixed_deltas: Float[torch.Tensor, "writer batch pos d_model"] | None = None,
+        logits_at: Bool[torch.Tensor, "batch pos"] | None = None,
     ) -> Float[torch.Tensor, "batch pos vocab"]:
         """Logits of the masked forward. Masks: float (gradients flow) or bool; None means all ones.
 
         ``fixed_deltas`` replaces ``y − ỹ`` by given values (no gradient through them): the mask gradient is
         then ``fixed_delta · ∂metric/∂reader_in`` whatever the input, which is what EAP-IG averages.
+        ``logits_at``: the positions an objective reads; the model's final norm and unembedding run on those
+        alone (the logits elsewhere are 0), which saves most of the unembedding's cost when one position counts.
         """
         self._require_active()
         tokens = self._check_tokens(tokens, "tokens")
         attention_mask = self._check_attention_mask(attention_mask, tokens)
+        logits_at = self._check_logits_at(logits_at, tokens)
         if not isinstance(counterfactual, Counterfactual):
             raise EdgePruneError(
                 "counterfactual must come from mm.interchange(corrupted), mm.mean(reference) or mm.zero(), "
@@ -169,6 +174,7 @@ class MaskedModel:
             run.buffer = DeltaBuffer.fixed(fixed_deltas.detach().to(device=self.device, dtype=removal.dtype))
             run.buffer.coef_zero = run.removes_nothing
             run.fixed_deltas = True
+        run.logits_at = logits_at
         return self._execute(run, tokens, attention_mask)
 
     def interchange(
@@ -250,19 +256,23 @@ class MaskedModel:
         return run.buffer.values
 
     def full_logits(
-        self, tokens: Int[torch.Tensor, "batch pos"], attention_mask: Int[torch.Tensor, "batch pos"] | None = None
+        self,
+        tokens: Int[torch.Tensor, "batch pos"],
+        attention_mask: Int[torch.Tensor, "batch pos"] | None = None,
+        at: Bool[torch.Tensor, "batch pos"] | None = None,
     ) -> Float[torch.Tensor, "batch pos vocab"]:
         """The unmasked model's logits (the target of Edge Pruning's objective), by the model's own forward.
 
         Bit-identical to ``model(tokens)`` outside the context, and as cheap: the hooks stay inert and the
-        per-head q/k/v flags are off for this call.
+        per-head q/k/v flags are off for this call. ``at``: unembed only these positions (0 elsewhere).
         """
         self._require_active()
         tokens = self._check_tokens(tokens, "tokens")
         attention_mask = self._check_attention_mask(attention_mask, tokens)
+        at = self._check_logits_at(at, tokens)
         self._require_idle()
         with self._plain_flags():
-            return self.adapter.forward(tokens, attention_mask)
+            return self._forward_at(tokens, attention_mask, at)
 
     def removal_matrix(
         self,
@@ -314,13 +324,22 @@ class MaskedModel:
         self._run = run
         try:
             with self._plain_flags() if run.plain else contextlib.nullcontext():
-                logits = self.adapter.forward(tokens, attention_mask)
+                logits = self._forward_at(tokens, attention_mask, run.logits_at)
         except _WritersDone:
             logits = None
         finally:
             self._run = None
         self._check_firings(run)
         return logits
+
+    def _forward_at(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None, at: torch.Tensor | None):
+        """The model's forward; with ``at``, its unembedding sees only those positions (as one [1, n_at] sequence)
+        and the logits come back as [batch, pos, vocab] with zeros elsewhere."""
+        if at is None:
+            return self.adapter.forward(tokens, attention_mask)
+        with self.adapter.hooks([(self.adapter.unembed_input_hook, lambda x, hook: x[at].unsqueeze(0))]):
+            logits = self.adapter.forward(tokens, attention_mask)
+        return logits.new_zeros((*at.shape, logits.shape[-1])).index_put((at,), logits[0])
 
     def _expected_hook_keys(self) -> Counter:
         keys = Counter()
@@ -548,6 +567,19 @@ class MaskedModel:
         if lo < 0 or hi >= self.adapter.d_vocab:
             raise EdgePruneError(f"{what} has ids in [{lo}, {hi}] outside the vocabulary [0, {self.adapter.d_vocab})")
         return tokens.to(self.device, torch.long)
+
+    def _check_logits_at(self, at: Any, tokens: torch.Tensor) -> torch.Tensor | None:
+        if at is None:
+            return None
+        if not isinstance(at, torch.Tensor) or at.dtype != torch.bool or tuple(at.shape) != tuple(tokens.shape):
+            raise EdgePruneError(
+                f"logits_at must be a bool tensor of the tokens' shape {list(tokens.shape)} (True where the logits are "
+                f"read, e.g. batch.positions), got {_describe(at)}"
+            )
+        at = at.to(self.device)
+        if at.device.type != "meta" and not bool(at.any()):
+            raise EdgePruneError("logits_at selects no position: nothing would be unembedded")
+        return at
 
     def _check_attention_mask(self, mask: Any, tokens: torch.Tensor) -> torch.Tensor | None:
         if mask is None:

@@ -28,8 +28,8 @@ class ExampleCache:
     is kept and every batch is recomputed. Values equal a recomputation up to float rounding (the same row
     computed in another batch can round differently); the first epoch is bit-identical to no cache.
 
-    ``scored_only``: keep the logits of each example's scored positions only (the built-in objectives read
-    nothing else; with ``positions="last"`` that is 1/pos of the logits); gathered batches hold zeros elsewhere.
+    ``scored_only``: unembed and keep each example's scored positions only (the built-in objectives read nothing
+    else; with ``positions="last"`` that is 1/pos of the logits); the targets hold zeros elsewhere.
     """
 
     def __init__(
@@ -86,7 +86,7 @@ class ExampleCache:
     def _compute(self, batch: PairedData) -> tuple[Counterfactual, torch.Tensor]:
         cf = self.source(batch)
         with torch.no_grad():
-            full = self.mm.full_logits(batch.clean, batch.attention_mask)
+            full = self.mm.full_logits(batch.clean, batch.attention_mask, at=batch.positions if self.scored_only else None)
         return cf, full
 
     def _decide(self, cf: Counterfactual, full: torch.Tensor) -> None:

@@ -21,8 +21,8 @@ from .ablations import Ablation, counterfactual_source
 from .circuit import Circuit, _atomic_write
 from .data import PairedData, as_data
 from .engine import MaskedModel
-from .example_cache import ExampleCache
 from .errors import EdgePruneError
+from .example_cache import ExampleCache
 from .graph import Graph, InputNodes
 from .hard_concrete import HardConcrete
 from .metrics import OBJECTIVES, Objective, resolve_objective

@@ -24,6 +24,18 @@ def make_model(model_id: str, dtype=torch.float32):
     return bridge_model(arch).to(dtype)
 
 
+def small_problem(n=24, seq=6, seed=0):
+    """A small GPT-2-style model (hooked where TL has it) and n random clean/corrupted pairs scored at the last
+    position: the problem the training-loop tests share."""
+    import tl_edgeprune as tep
+
+    model = make_model("hooked-gpt2" if HAS_HOOKED else "bridge-gpt2")
+    gen = torch.Generator().manual_seed(seed)
+    clean = torch.randint(0, 39, (n, seq), generator=gen)
+    corrupted = torch.randint(0, 39, (n, seq), generator=gen)
+    return model, tep.paired_data(clean, corrupted, positions="last")
+
+
 @pytest.fixture(params=MODEL_IDS)
 def any_model(request):
     return make_model(request.param)

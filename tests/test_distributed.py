@@ -8,18 +8,14 @@ import torch.multiprocessing as mp
 
 import tl_edgeprune as tep
 
-from .conftest import HAS_HOOKED, make_model
+from .conftest import small_problem
 from .dist_worker import run
 
 SETTINGS = dict(target_sparsity=0.5, steps=12, sparsity_warmup=6, lr_warmup=2, batch_size=8, progress=False, seed=1)
 
 
 def problem():
-    model = make_model("hooked-gpt2" if HAS_HOOKED else "bridge-gpt2")
-    gen = torch.Generator().manual_seed(11)
-    clean = torch.randint(0, 39, (16, 6), generator=gen)
-    corrupted = torch.randint(0, 39, (16, 6), generator=gen)
-    return model, tep.paired_data(clean, corrupted, positions="last")
+    return small_problem(n=16, seq=6, seed=11)
 
 
 def free_port() -> int:

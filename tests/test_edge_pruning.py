@@ -11,15 +11,7 @@ from tl_edgeprune.circuit import binary_search_threshold
 from tl_edgeprune.edge_pruning import lr_factor
 from tl_edgeprune.hard_concrete import BETA, LEFT, RIGHT
 
-from .conftest import HAS_HOOKED, make_model
-
-
-def small_problem(n=24, seq=6, seed=0):
-    model = make_model("hooked-gpt2" if HAS_HOOKED else "bridge-gpt2")
-    gen = torch.Generator().manual_seed(seed)
-    clean = torch.randint(0, 39, (n, seq), generator=gen)
-    corrupted = torch.randint(0, 39, (n, seq), generator=gen)
-    return model, tep.paired_data(clean, corrupted, positions="last")
+from .conftest import small_problem
 
 
 def test_hard_concrete_matches_its_definition():

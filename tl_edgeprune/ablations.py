@@ -24,6 +24,12 @@ def counterfactual_source(
     ``single_use``: each interchange ỹ feeds exactly one masked forward, which overwrites it with y − ỹ.
     """
     if isinstance(ablation, Counterfactual):
+        if ablation.kind == "interchange":
+            raise EdgePruneError(
+                "an interchange Counterfactual holds one corrupted batch's activations; passed as ablation= it would "
+                "be paired with every batch of the data. Pass ablation='interchange' (each batch then gets its own "
+                "corrupted run), or a mean/zero Counterfactual (mm.mean(...), mm.zero())."
+            )
         return lambda batch: ablation
     if ablation == "interchange":
         return lambda batch: mm.interchange(batch.corrupted, batch.attention_mask, single_use=single_use)

@@ -20,7 +20,8 @@ from .circuit import Circuit
 from .data import PairedData, as_data
 from .edge_pruning import frozen_parameters
 from .engine import MaskedModel
-from .errors import EdgePruneError
+from . import validation
+from .fingerprint import model_fingerprint
 from .graph import InputNodes
 from .metrics import Objective, resolve_objective
 
@@ -38,12 +39,14 @@ def acdc(
     progress: bool = True,
 ) -> Circuit:
     """The ACDC circuit at threshold τ; ``circuit.scores`` holds each edge's metric change when tried."""
-    if threshold < 0:
-        raise EdgePruneError(f"threshold τ must be >= 0, got {threshold}")
+    validation.real("threshold", threshold, low=0.0, hint=" (τ: an edge is dropped when removing it changes the metric "
+                    "by less than τ; NaN would keep every edge)")
+    validation.integer("batch_size", batch_size, minimum=1)
     data = as_data(data)
     objective = resolve_objective(metric)
     t0 = time.perf_counter()
     with torch.no_grad(), frozen_parameters(model), MaskedModel(model, input_nodes=input_nodes) as mm:
+        mm.check_data(data)
         graph = mm.graph
         source = counterfactual_source(mm, ablation, data, mean_reference)
         batches = []
@@ -78,4 +81,4 @@ def acdc(
         bar.close()
     info = {"threshold": threshold, "metric": metric if isinstance(metric, str) else "custom",
             "seconds": time.perf_counter() - t0, "final_metric": current}
-    return Circuit(graph, mask.bool().cpu(), scores=tried, method="acdc", info=info)
+    return Circuit(graph, mask.bool().cpu(), scores=tried, method="acdc", info=info, model=model_fingerprint(model))

@@ -85,6 +85,12 @@ class ModelAdapter:
         return int(self.cfg.d_vocab)
 
     @property
+    def d_vocab_out(self) -> int:
+        """Size of the logits' last axis (differs from d_vocab for Tracr's output space)."""
+        out = int(getattr(self.cfg, "d_vocab_out", -1) or -1)
+        return out if out > 0 else self.d_vocab
+
+    @property
     def n_ctx(self) -> int:
         return int(getattr(self.cfg, "n_ctx", 0) or 1 << 30)
 
@@ -154,6 +160,12 @@ class ModelAdapter:
         if attention_mask is None:
             return self.model(tokens, return_type="logits")
         return self.model(tokens, return_type="logits", attention_mask=attention_mask)
+
+    def hook_points(self) -> list[tuple[str, nn.Module]]:
+        """(name, module) of every TransformerLens hook point of the model."""
+        from transformer_lens.hook_points import HookPoint
+
+        return [(name, m) for name, m in self.model.named_modules() if isinstance(m, HookPoint)]
 
     def hook_counts(self) -> dict[str, int]:
         """Hooks currently attached to each hook point, to prove the model is left as it was."""

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -18,7 +17,10 @@ from jaxtyping import Bool, Float
 from .ablations import Ablation, counterfactual_source
 from .data import PairedData
 from .engine import MaskedModel
+from . import validation
 from .errors import EdgePruneError
+from .fingerprint import describe_difference, model_fingerprint
+from .files import atomic_write
 from .graph import Graph, GraphSpec
 from .metrics import answer_metrics, exact_match, kl_divergence, mean_squared_error
 
@@ -31,6 +33,7 @@ class Circuit:
     nodes: Bool[torch.Tensor, " writer"] | None = None  # kept writers (node masks); None keeps all
     method: str = ""
     info: dict[str, Any] = field(default_factory=dict)
+    model: dict[str, str] | None = None  # fingerprint of the model it was found on (class, name, weights hash)
 
     def __post_init__(self) -> None:
         if tuple(self.edges.shape) != self.graph.shape:
@@ -75,7 +78,7 @@ class Circuit:
     @classmethod
     def top_k(
         cls, graph: Graph, scores: torch.Tensor, k: int | None = None, fraction: float | None = None,
-        absolute: bool = True, method: str = "",
+        absolute: bool = True, method: str = "", model: dict | None = None,
     ) -> "Circuit":
         """The k (or a fraction of all) edges with the largest scores (|score| if absolute)."""
         if (k is None) == (fraction is None):
@@ -84,6 +87,7 @@ class Circuit:
             if not 0 <= fraction <= 1:
                 raise EdgePruneError(f"fraction must lie in [0, 1], got {fraction}")
             k = int(round(fraction * graph.n_edges))
+        k = validation.integer("k", k)
         if not 0 <= k <= graph.n_edges:
             raise EdgePruneError(f"k must lie in [0, {graph.n_edges}], got {k}")
         valid = graph.valid_mask()
@@ -91,18 +95,19 @@ class Circuit:
         edges = torch.zeros(graph.shape, dtype=torch.bool)
         if k:
             edges.view(-1)[torch.topk(key.view(-1), k).indices] = True
-        return cls(graph, edges, scores=scores.detach().cpu().float(), method=method)
+        return cls(graph, edges, scores=scores.detach().cpu().float(), method=method, model=model)
 
     @classmethod
     def from_soft_mask(
         cls, graph: Graph, soft: torch.Tensor, nodes: torch.Tensor | None = None, method: str = "edge_pruning",
-        info: dict | None = None,
+        info: dict | None = None, model: dict | None = None,
     ) -> "Circuit":
         """Edge Pruning's read-out: threshold the soft mask, found by binary search so that the binary circuit's
         density matches the soft mask's mean over real edges (to the nearest edge)."""
         soft64 = soft.detach().cpu().double()  # compare in float64, as the search does
         edges = soft64 >= binary_search_threshold(soft64, graph.valid_mask())
-        return cls(graph, edges, scores=soft.detach().cpu().float(), nodes=nodes, method=method, info=info or {})
+        return cls(graph, edges, scores=soft.detach().cpu().float(), nodes=nodes, method=method, info=info or {},
+                   model=model)
 
     # ------------------------------------------------------------------ pruning
     def prune_dangling(self) -> "Circuit":
@@ -119,23 +124,34 @@ class Circuit:
             if targets[r] and not bool(reaches[targets[r]].any()):
                 edges[:, r] = False
         edges &= reaches[:, None]  # edges out of nodes that reach nothing are dangling too
-        return Circuit(g, edges, self.scores, self.nodes, self.method, {**self.info, "pruned_dangling": True})
+        return Circuit(g, edges, self.scores, self.nodes, self.method, {**self.info, "pruned_dangling": True}, self.model)
 
     # ------------------------------------------------------------------ evaluation
-    def check_model(self, model: Any) -> None:
+    def check_model(self, model: Any, allow_other_model: bool = False) -> None:
+        """Refuse a model of another shape, and (unless ``allow_other_model``) one whose weights differ from the
+        model the circuit was found on: a circuit of one model evaluates on any model of its shape, meaninglessly."""
         spec = GraphSpec.from_config(model.cfg)
-        if spec != self.graph.spec:
+        if spec != self.graph.spec and not Graph.from_spec(spec, self.graph.input_nodes).same_structure(self.graph):
             raise EdgePruneError(
                 f"this circuit was found on a model with {self.graph.spec} but the model given is {spec}; "
                 "a circuit only applies to a model of the same shape"
             )
+        if self.model is None or allow_other_model:
+            return
+        now = model_fingerprint(model)
+        if now != self.model:
+            raise EdgePruneError(
+                f"this circuit was found on another model ({describe_difference(self.model, now)}). Evaluate it on "
+                "the model it came from, or pass allow_other_model=True if applying it to this one is intended "
+                "(e.g. a fine-tuned copy)."
+            )
 
     def evaluate(
         self, model: Any, data: PairedData, ablation: Ablation = "interchange", batch_size: int = 32,
-        mean_reference: torch.Tensor | None = None,
+        mean_reference: torch.Tensor | None = None, allow_other_model: bool = False,
     ) -> dict[str, float]:
         """KL/MSE to the full model, answer metrics and exact match, via the engine with binary masks."""
-        self.check_model(model)
+        self.check_model(model, allow_other_model)
         with MaskedModel(model, self.graph) as mm:
             return evaluate_mask(mm, self.mask(), data, ablation, batch_size, mean_reference) | {
                 "edges": self.n_edges,
@@ -144,6 +160,10 @@ class Circuit:
 
     # ------------------------------------------------------------------ files
     def to_dict(self) -> dict:
+        """The EAP-IG / MIB layout; EAP-IG's ``Graph.from_json`` reads it (merged input, one k/v reader per head).
+
+        ``cfg`` starts with EAP-IG's four keys; node masks go under ``kept`` and the model's fingerprint under a
+        top-level ``model``, which EAP-IG ignores."""
         g = self.graph
         eff = self.effective_edges()
         scores = self.scores if self.scores is not None else eff.float()
@@ -158,49 +178,153 @@ class Circuit:
         nodes = {name: {"in_graph": node_in[name]} for name in g.writers}
         if self.nodes is not None:
             for i, name in enumerate(g.writers):
-                nodes[name]["score"] = float(self.nodes[i])
+                nodes[name]["kept"] = bool(self.nodes[i])
         nodes["logits"] = {"in_graph": bool(eff[:, g.reader_index("logits")].any())}
-        cfg = {**asdict(g.spec), "input_nodes": g.input_nodes}
-        return {"cfg": cfg, "nodes": nodes, "edges": edges, "method": self.method, "info": _jsonable(self.info)}
+        spec = asdict(g.spec)
+        cfg = {k: spec.pop(k) for k in ("n_layers", "n_heads", "parallel_attn_mlp", "d_model")} | spec
+        cfg["input_nodes"] = g.input_nodes
+        return {"cfg": cfg, "nodes": nodes, "edges": edges, "method": self.method, "info": _jsonable(self.info),
+                "model": self.model}
 
     def to_json(self, path: str | os.PathLike) -> None:
-        _atomic_write(path, lambda f: json.dump(self.to_dict(), f), text=True)
+        atomic_write(path, lambda f: json.dump(self.to_dict(), f), text=True)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Circuit":
-        cfg = dict(data["cfg"])
-        input_nodes = cfg.pop("input_nodes", "separate")
-        graph = Graph.from_spec(GraphSpec(**cfg), input_nodes)
+    def from_dict(cls, data: Any) -> "Circuit":
+        """Read our files and unmodified EAP-IG / MIB ones (whose ``cfg`` holds only n_layers, n_heads,
+        parallel_attn_mlp and d_model: the rest is inferred from the node names). Anything else is refused."""
+        if not isinstance(data, dict) or not isinstance(data.get("cfg"), dict) or not isinstance(data.get("edges"), dict):
+            raise EdgePruneError("a circuit file is a JSON object {cfg: {...}, nodes: {...}, edges: {name: {score, "
+                                 f"in_graph}}}} (EAP-IG / MIB format); got {_shape_of(data)}")
+        nodes = data.get("nodes", {})
+        if not isinstance(nodes, dict):
+            raise EdgePruneError(f"the circuit file's 'nodes' must be an object {{name: {{in_graph}}}}, got {_shape_of(nodes)}")
+        graph = Graph.from_spec(_spec_from_file(data["cfg"], nodes, data["edges"]), _input_nodes(data["cfg"], nodes, data["edges"]))
         edges = torch.zeros(graph.shape, dtype=torch.bool)
         scores = torch.zeros(graph.shape)
         for name, entry in data["edges"].items():
-            w, r = graph.edge_index(name)
-            edges[w, r] = bool(entry["in_graph"])
-            scores[w, r] = float(entry.get("score", 0.0))
-        return cls(graph, edges, scores=scores, method=data.get("method", ""), info=data.get("info", {}))
+            try:
+                w, r = graph.edge_index(name)
+            except (KeyError, ValueError) as exc:
+                raise EdgePruneError(f"edge {name!r} of the file is not an edge of {graph}: {exc}") from None
+            if not isinstance(entry, dict):
+                raise EdgePruneError(f"edge {name!r}: expected {{score, in_graph}}, got {_shape_of(entry)}")
+            edges[w, r] = _flag(entry.get("in_graph"), f"edge {name!r}")
+            score = entry.get("score", 0.0)
+            if isinstance(score, bool) or not isinstance(score, (int, float)):
+                raise EdgePruneError(f"edge {name!r}: score must be a number, got {score!r}")
+            scores[w, r] = float(score)
+        kept = _node_masks(graph, nodes, edges, ours="method" in data)
+        model = data.get("model")
+        if model is not None and not isinstance(model, dict):
+            raise EdgePruneError(f"the file's 'model' must be a fingerprint object, got {_shape_of(model)}")
+        return cls(graph, edges, scores=scores, nodes=kept, method=str(data.get("method", "")),
+                   info=data.get("info", {}) if isinstance(data.get("info"), dict) else {}, model=model)
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> "Circuit":
-        with open(path) as f:
-            return cls.from_dict(json.load(f))
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise EdgePruneError(f"cannot read {os.fspath(path)!r} as a circuit JSON file ({type(exc).__name__}: {exc})") from None
+        return cls.from_dict(data)
 
     def save(self, path: str | os.PathLike) -> None:
-        """``.json`` (MIB format) or ``.pt`` (tensors, exact)."""
+        """``.json`` (MIB format) or ``.pt`` (tensors and plain types only, exact; loads with weights_only)."""
         if str(path).endswith(".json"):
             return self.to_json(path)
-        payload = {"cfg": {**asdict(self.graph.spec), "input_nodes": self.graph.input_nodes}, "edges": self.edges,
-                   "scores": self.scores, "nodes": self.nodes, "method": self.method, "info": self.info}
-        _atomic_write(path, lambda f: torch.save(payload, f))
+        payload = {"format": CIRCUIT_FORMAT, "cfg": {**asdict(self.graph.spec), "input_nodes": self.graph.input_nodes},
+                   "edges": self.edges, "scores": self.scores, "nodes": self.nodes, "method": self.method,
+                   "info": _jsonable(self.info), "model": self.model}
+        atomic_write(path, lambda f: torch.save(payload, f))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Circuit":
+        """A circuit saved by ``save``; a ``.pt`` file is read with ``weights_only=True``, so it never runs code."""
         if str(path).endswith(".json"):
             return cls.from_json(path)
-        payload = torch.load(path, weights_only=False)
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises many types for bad files; all mean "not a circuit we can read"
+            raise EdgePruneError(
+                f"cannot read {os.fspath(path)!r} as a saved circuit ({type(exc).__name__}: {str(exc)[:200]}). Files "
+                "load with weights_only=True: one that would run code on load is refused."
+            ) from None
+        if not isinstance(payload, dict) or payload.get("format") != CIRCUIT_FORMAT:
+            hint = " (it is an Edge Pruning checkpoint: resume it with edge_pruning(..., resume=True))" if (
+                isinstance(payload, dict) and "edge_log_alpha" in payload) else ""
+            raise EdgePruneError(f"{os.fspath(path)!r} is not a circuit saved by Circuit.save{hint}")
         cfg = dict(payload["cfg"])
         input_nodes = cfg.pop("input_nodes", "separate")
         graph = Graph.from_spec(GraphSpec(**cfg), input_nodes)
-        return cls(graph, payload["edges"], payload["scores"], payload["nodes"], payload["method"], payload["info"])
+        return cls(graph, payload["edges"], payload["scores"], payload["nodes"], payload["method"], payload["info"],
+                   payload.get("model"))
+
+
+CIRCUIT_FORMAT = "tl_edgeprune/circuit"
+
+
+def _shape_of(value: Any) -> str:
+    return f"a {type(value).__name__}" + (f" ({str(value)[:60]})" if isinstance(value, (str, int, float)) else "")
+
+
+def _flag(value: Any, where: str) -> bool:
+    """JSON true/false only: the string "false" is truthy in Python, so it is refused rather than read as True."""
+    if not isinstance(value, bool):
+        raise EdgePruneError(f"{where}: in_graph must be true or false, got {value!r}")
+    return value
+
+
+def _spec_from_file(cfg: dict, nodes: dict, edges: dict) -> GraphSpec:
+    """GraphSpec from a file's cfg; what EAP-IG does not write is inferred (one k/v reader per query head;
+    no MLP nodes means attention-only; the position embedding matters only with a separate ``pos`` node)."""
+    missing = [k for k in ("n_layers", "n_heads", "d_model") if k not in cfg]
+    if missing:
+        raise EdgePruneError(f"the circuit file's cfg lacks {missing}; it needs at least n_layers, n_heads, d_model")
+    names = set(nodes) | {n.split("->")[0] for n in edges}
+    has_pos = "pos" in names
+    try:
+        return GraphSpec(
+            n_layers=int(cfg["n_layers"]), n_heads=int(cfg["n_heads"]),
+            n_kv_heads=int(cfg.get("n_kv_heads", cfg["n_heads"])), d_model=int(cfg["d_model"]),
+            attn_only=bool(cfg.get("attn_only", not any(n.startswith("m") for n in names))),
+            parallel_attn_mlp=bool(cfg.get("parallel_attn_mlp", False)),
+            positional_embedding_type=str(cfg.get("positional_embedding_type", "standard" if has_pos else "rotary")),
+        )
+    except (TypeError, ValueError) as exc:
+        raise EdgePruneError(f"the circuit file's cfg is not readable: {exc}") from None
+
+
+def _input_nodes(cfg: dict, nodes: dict, edges: dict) -> str:
+    if "input_nodes" in cfg:
+        return cfg["input_nodes"]
+    names = set(nodes) | {n.split("->")[0] for n in edges}
+    return "merged" if "input" in names else "separate"
+
+
+def _node_masks(graph: Graph, nodes: dict, edges: torch.Tensor, ours: bool) -> torch.Tensor | None:
+    """Node masks (``kept``; older files of ours: ``score``), checked against the nodes' in_graph flags."""
+    kept = torch.ones(graph.n_writers, dtype=torch.bool)
+    any_mask = False
+    for name, entry in nodes.items():
+        if name == "logits":
+            continue
+        if name not in graph._writer_index:
+            raise EdgePruneError(f"node {name!r} of the file is not a node of {graph}")
+        if not isinstance(entry, dict):
+            raise EdgePruneError(f"node {name!r}: expected {{in_graph}}, got {_shape_of(entry)}")
+        i = graph.writer_index(name)
+        if "in_graph" in entry:
+            in_graph = _flag(entry["in_graph"], f"node {name!r}")
+            if not in_graph and bool(edges[i].any()):
+                raise EdgePruneError(f"node {name!r} is marked out of the circuit but edges from it are in: the file "
+                                     "contradicts itself (EAP-IG's prune() makes them agree)")
+        mask = entry.get("kept", entry.get("score") if ours else None)
+        if mask is not None:
+            any_mask = True
+            kept[i] = bool(mask >= 0.5) if isinstance(mask, (int, float)) else _flag(mask, f"node {name!r} kept")
+    return kept if any_mask else None
 
 
 def binary_search_threshold(soft: torch.Tensor, valid: torch.Tensor, iterations: int = 60) -> float:
@@ -223,6 +347,8 @@ def evaluate_mask(
     mean_reference: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """Metrics of one mask over a dataset, averaged over examples."""
+    validation.integer("batch_size", batch_size, minimum=1)
+    mm.check_data(data)
     source = counterfactual_source(mm, ablation, data, mean_reference, single_use=True)
     mask = mask.to(mm.device)
     totals: dict[str, float] = {}
@@ -245,22 +371,6 @@ def evaluate_mask(
                 totals[k] = totals.get(k, 0.0) + v * len(batch)
             n += len(batch)
     return {k: v / n for k, v in totals.items()}
-
-
-def _atomic_write(path, write, text: bool = False) -> None:
-    """Write to a temporary file beside ``path`` and rename: nothing half-written on disk."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "w" if text else "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def _jsonable(info: dict) -> dict:

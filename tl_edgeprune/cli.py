@@ -9,7 +9,7 @@ import sys
 import time
 
 from .acdc import acdc
-from .circuit import _atomic_write
+from .files import atomic_write
 from .eap import eap
 from .edge_pruning import edge_pruning
 from .graph import Graph
@@ -129,7 +129,7 @@ def write_report(path: str, title: str, rows: list[dict], key: str, figures: lis
     html = (f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title></head>"
             f"<body><h1>{title}</h1><pre id='results'>{table}</pre>"
             + "".join(f"<div class='figure'>{p}</div>" for p in parts) + "</body></html>")
-    _atomic_write(path, lambda f: f.write(html), text=True)
+    atomic_write(path, lambda f: f.write(html), text=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -130,21 +130,27 @@ def paired_data(
     answers: torch.Tensor | None = None,
     distractors: torch.Tensor | None = None,
     token_subset: torch.Tensor | list[int] | None = None,
+    corrupted_attention_mask: torch.Tensor | None = None,
 ) -> PairedData:
     """Validate and bundle a dataset. ``positions``: "last" (last real token), "all" (every real token but
-    the first, i.e. BOS), "all_with_bos", a LongTensor [n] of per-example positions, or a bool mask [n, pos]."""
+    the first, i.e. BOS), "all_with_bos", a LongTensor [n] of per-example positions, or a bool mask [n, pos].
+
+    One ``attention_mask`` serves clean and corrupted prompts, so their real tokens must line up: a
+    ``corrupted_attention_mask`` that differs, or corrupted tokens where the clean prompt is padding, is refused.
+    Ids are checked against the model's vocabulary when a method starts (``MaskedModel.check_data``)."""
     for name, t in (("clean", clean), ("corrupted", corrupted)):
         if not isinstance(t, torch.Tensor) or t.dtype not in (torch.int64, torch.int32) or t.dim() != 2:
             raise EdgePruneError(f"{name} must be token ids of shape [n, pos] (LongTensor), got {_describe(t)}")
     if len(clean) == 0:
         raise EdgePruneError("the dataset is empty: no clean/corrupted pairs")
+    if clean.shape[1] == 0:
+        raise EdgePruneError(f"the prompts have no tokens: clean is {list(clean.shape)}; tokenise the prompts first")
     if clean.shape != corrupted.shape:
         raise EdgePruneError(
             f"clean {list(clean.shape)} and corrupted {list(corrupted.shape)} token tensors differ in shape; "
             "pair them one to one and pad to the same length (pass attention_mask)"
         )
-    if attention_mask is not None and attention_mask.shape != clean.shape:
-        raise EdgePruneError(f"attention_mask {list(attention_mask.shape)} must match the tokens {list(clean.shape)}")
+    attention_mask = _check_attention_mask(attention_mask, clean, corrupted, corrupted_attention_mask)
     n, width = clean.shape
     real = torch.ones_like(clean, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
     if isinstance(positions, str):
@@ -164,6 +170,9 @@ def paired_data(
             raise EdgePruneError(f"a boolean positions mask must be [n, pos] = {list(clean.shape)}, got {list(positions.shape)}")
         mask = positions.clone()
     elif isinstance(positions, torch.Tensor) and positions.dim() == 1 and positions.shape[0] == n:
+        if positions.dtype not in INTEGER_DTYPES:
+            raise EdgePruneError(f"answer positions must be integer indices (a LongTensor [{n}]), got {_describe(positions)}; "
+                                 "a float would be truncated")
         if int(positions.min()) < 0 or int(positions.max()) >= width:
             raise EdgePruneError(f"answer positions must lie in [0, {width}), got [{int(positions.min())}, {int(positions.max())}]")
         mask = torch.zeros_like(real)
@@ -177,11 +186,59 @@ def paired_data(
             f"examples {empty[:5].tolist()} have no valid position to score (positions outside the attention mask?)"
         )
     for name, t in (("answers", answers), ("distractors", distractors)):
-        if t is not None and (t.dim() != 1 or t.shape[0] != n):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.shape[0] != n:
             raise EdgePruneError(f"{name} must be one token id per example, shape [{n}], got {_describe(t)}")
+        _check_ids(name, t)
     if token_subset is not None:
-        token_subset = torch.as_tensor(token_subset, dtype=torch.long)
-    return PairedData(clean.long(), corrupted.long(), mask, attention_mask, answers, distractors, token_subset)
+        token_subset = torch.as_tensor(token_subset)
+        if token_subset.dim() != 1 or token_subset.numel() == 0:
+            raise EdgePruneError(f"token_subset must be a non-empty list of token ids, got {_describe(token_subset)}")
+        _check_ids("token_subset", token_subset)
+        token_subset = token_subset.long()
+    return PairedData(clean.long(), corrupted.long(), mask, attention_mask, answers if answers is None else answers.long(),
+                      distractors if distractors is None else distractors.long(), token_subset)
+
+
+INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+def _check_ids(name: str, ids: torch.Tensor) -> None:
+    """Integer, non-negative token ids (a float is truncated and -1 means the last vocabulary entry: refused)."""
+    if ids.dtype not in INTEGER_DTYPES:
+        raise EdgePruneError(f"{name} must be integer token ids, got {_describe(ids)}; a float id would be truncated")
+    if ids.numel() and int(ids.min()) < 0:
+        bad = int((ids < 0).nonzero()[0, 0])
+        raise EdgePruneError(f"{name}[{bad}] is {int(ids[bad])}: token ids must be >= 0 (a negative id would silently "
+                             "index from the end of the vocabulary)")
+
+
+def _check_attention_mask(mask, clean, corrupted, corrupted_mask) -> torch.Tensor | None:
+    """One mask serves both prompts of a pair, so the corrupted prompt must be real exactly where the clean one is."""
+    if corrupted_mask is not None:
+        if mask is None or not isinstance(corrupted_mask, torch.Tensor) or corrupted_mask.shape != clean.shape:
+            raise EdgePruneError("corrupted_attention_mask needs an attention_mask of the same shape as the tokens")
+        rows = (corrupted_mask.bool() != mask.bool()).any(1).nonzero().flatten()
+        if len(rows):
+            raise EdgePruneError(
+                f"examples {rows[:5].tolist()}: the clean and corrupted prompts have different lengths (their attention "
+                "masks differ), but one mask serves both and positions must align. Choose corrupted prompts with the "
+                "clean prompt's token count (tasks.* do), or drop those pairs."
+            )
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor) or mask.shape != clean.shape:
+        raise EdgePruneError(f"attention_mask {_describe(mask)} must match the tokens {list(clean.shape)}")
+    pad = ~mask.bool()
+    rows = (pad & (clean != corrupted)).any(1).nonzero().flatten()
+    if len(rows):
+        raise EdgePruneError(
+            f"examples {rows[:5].tolist()}: the corrupted prompt has tokens where the clean prompt is padding (the "
+            "attention mask marks them 0), so the one mask would hide part of the corrupted prompt. Pad both prompts "
+            "of a pair to the same real length with the same pad id."
+        )
+    return mask
 
 
 def _describe(x) -> str:

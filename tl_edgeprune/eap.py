@@ -19,7 +19,9 @@ from .circuit import Circuit
 from .data import PairedData, as_data
 from .edge_pruning import frozen_parameters
 from .engine import MaskedModel
+from . import validation
 from .errors import EdgePruneError
+from .fingerprint import model_fingerprint
 from .graph import Graph, InputNodes
 from .metrics import _last_scored
 
@@ -53,15 +55,19 @@ class EdgeScores:
     scores: torch.Tensor
     method: str
     seconds: float
+    model: dict | None = None  # fingerprint of the model scored (class, name, weights hash)
 
     def circuit(self, k: int | None = None, fraction: float | None = None, absolute: bool = True) -> Circuit:
         """The top-k (or a fraction of) edges by |score| (or signed score)."""
-        return Circuit.top_k(self.graph, self.scores, k=k, fraction=fraction, absolute=absolute, method=self.method)
+        return Circuit.top_k(self.graph, self.scores, k=k, fraction=fraction, absolute=absolute, method=self.method,
+                             model=self.model)
 
     def greedy_circuit(self, k: int, absolute: bool = True) -> Circuit:
         from .selection import greedy
 
-        return greedy(self.graph, self.scores, k, absolute=absolute, method=self.method)
+        circuit = greedy(self.graph, self.scores, k, absolute=absolute, method=self.method)
+        circuit.model = self.model
+        return circuit
 
 
 def eap(
@@ -78,13 +84,15 @@ def eap(
 ) -> EdgeScores:
     """EAP scores for every edge (``ig_steps=m`` gives EAP-IG with m interpolation steps)."""
     data = as_data(data)
-    if ig_steps is not None and ig_steps < 1:
-        raise EdgePruneError(f"ig_steps must be a positive number of interpolation steps, got {ig_steps}")
+    if ig_steps is not None:
+        validation.integer("ig_steps", ig_steps, minimum=1)
+    validation.integer("batch_size", batch_size, minimum=1)
     metric_fn = default_metric if metric == "default" else metric
     if not callable(metric_fn):
         raise EdgePruneError(f"metric must be 'default' or a callable (logits, batch) -> scalar, got {metric!r}")
     t0 = time.perf_counter()
     with frozen_parameters(model), MaskedModel(model, input_nodes=input_nodes) as mm:
+        mm.check_data(data)
         graph = mm.graph
         total = torch.zeros(graph.shape, dtype=torch.float64)
         # plain EAP reads each ỹ once: keep only y − ỹ (EAP-IG reads ỹ for its fixed deltas, then every step)
@@ -101,7 +109,7 @@ def eap(
             total += z.grad.detach().double().cpu() * len(batch)
         scores = (total / len(data)) * graph.valid_mask()
     method = f"eap-ig({ig_steps})" if ig_steps else "eap"
-    return EdgeScores(graph, scores.float(), method, time.perf_counter() - t0)
+    return EdgeScores(graph, scores.float(), method, time.perf_counter() - t0, model_fingerprint(model))
 
 
 def _integrated_gradients(mm: MaskedModel, batch: PairedData, cf, z: torch.Tensor, metric_fn: Metric, steps: int) -> None:
@@ -112,13 +120,12 @@ def _integrated_gradients(mm: MaskedModel, batch: PairedData, cf, z: torch.Tenso
     inputs = [c for c in mm.graph.writer_chunks if c.kind in ("tok", "pos", "input")]
     n_in = max(c.stop for c in inputs)
     input_delta = deltas[:n_in].sum(0)  # the residual stream's input: embeddings (clean − corrupted)
-    model = mm.model
     for k in range(1, steps + 1):
         alpha = k / steps
 
         def interpolate(resid, hook, shift=(alpha - 1.0) * input_delta):
             return resid + shift  # clean embeddings → corrupted + α·(clean − corrupted)
 
-        with model.hooks(fwd_hooks=[("blocks.0.hook_resid_pre", interpolate)]):
+        with mm.extra_hooks([("blocks.0.hook_resid_pre", interpolate)]):
             logits = mm(batch.clean, cf, z, attention_mask=batch.attention_mask, fixed_deltas=deltas)
         (metric_fn(logits, batch) / steps).backward()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Union
@@ -17,8 +16,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import checkpoint, validation
 from .ablations import Ablation, counterfactual_source
-from .circuit import Circuit, _atomic_write
+from .circuit import Circuit
 from .data import PairedData, as_data
 from .engine import MaskedModel
 from .errors import EdgePruneError
@@ -40,7 +40,7 @@ class EdgePruningConfig:
     lambda_lr: float = 0.8
     lr_warmup: int = 200
     batch_size: int = 32
-    grad_clip: float = 1.0
+    grad_clip: float | None = 1.0  # max gradient norm; None turns clipping off (0 would freeze every mask)
     node_masks: bool = True
     # "expected": 1 − Σ P(z>0)/N (Louizos et al.'s L0 expectation, smooth in log α). "sampled": 1 − Σz/N from the
     # sampled gates, as the reference code does; at log α ≈ 10 the clamp saturates and its gradient is 0 unless
@@ -51,6 +51,8 @@ class EdgePruningConfig:
     seed: int = 0
     input_nodes: InputNodes = "separate"
     checkpoint_path: str | None = None
+    # With a checkpoint_path, the state is written every this many steps (default DEFAULT_CHECKPOINT_EVERY) and
+    # at the end, so a killed run always has something to resume from.
     checkpoint_every: int | None = None
     progress: bool = True
     # Keep every example's ỹ and full-model logits (at its scored positions, for the built-in objectives) after its
@@ -59,30 +61,49 @@ class EdgePruningConfig:
     cache_gib: float = 2.0
 
     def validate(self) -> None:
-        if not (0 < self.target_sparsity <= 2):
-            raise EdgePruneError(f"target_sparsity must lie in (0, 2], got {self.target_sparsity} (values above 1 push harder)")
-        if not (0 <= self.start_sparsity <= self.target_sparsity):
-            raise EdgePruneError(f"start_sparsity must lie in [0, target_sparsity], got {self.start_sparsity}")
-        for name in ("steps", "batch_size"):
-            if getattr(self, name) < 1:
-                raise EdgePruneError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("sparsity_warmup", "lr_warmup"):
-            if getattr(self, name) < 0:
-                raise EdgePruneError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.sparsity_from not in ("sampled", "expected"):
-            raise EdgePruneError(f"sparsity_from must be 'sampled' or 'expected', got {self.sparsity_from!r}")
-        if self.lr <= 0 or self.lambda_lr <= 0:
-            raise EdgePruneError("learning rates must be positive")
-        if not self.cache_gib >= 0:
-            raise EdgePruneError(f"cache_gib must be >= 0 (0 turns the per-example cache off), got {self.cache_gib}")
-        if self.checkpoint_every is not None and (self.checkpoint_every < 1 or not self.checkpoint_path):
-            raise EdgePruneError("checkpoint_every needs a checkpoint_path and a positive interval")
+        """Every setting's type and range: NaN rates, a clip of 0 or a float step count fail here, not mid-run."""
+        v = validation
+        v.real("target_sparsity", self.target_sparsity, low=0.0, high=2.0, low_open=True,
+               hint=" (values above 1 push harder)")
+        v.real("start_sparsity", self.start_sparsity, low=0.0, high=float(self.target_sparsity),
+               hint=" (the target ramps from start_sparsity to target_sparsity)")
+        v.integer("steps", self.steps, minimum=1)
+        v.integer("batch_size", self.batch_size, minimum=1)
+        v.integer("sparsity_warmup", self.sparsity_warmup, minimum=0)
+        v.integer("lr_warmup", self.lr_warmup, minimum=0)
+        v.integer("seed", self.seed)
+        v.positive("lr", self.lr)
+        v.positive("lambda_lr", self.lambda_lr)
+        if self.grad_clip is not None:
+            v.positive("grad_clip", self.grad_clip, hint=" (a clip of 0 freezes every mask, a negative one reverses "
+                       "the updates; pass grad_clip=None for no clipping)")
+        v.choice("sparsity_from", self.sparsity_from, ("sampled", "expected"))
+        v.choice("input_nodes", self.input_nodes, ("separate", "merged"))
+        v.real("cache_gib", self.cache_gib, low=0.0, hint=" (0 turns the per-example cache off)")
+        for name in ("node_masks", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                raise EdgePruneError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.checkpoint_path is not None and not isinstance(self.checkpoint_path, (str, os.PathLike)):
+            raise EdgePruneError(f"checkpoint_path must be a file path, got {self.checkpoint_path!r}")
+        if self.checkpoint_every is not None:
+            v.integer("checkpoint_every", self.checkpoint_every, minimum=1)
+            if not self.checkpoint_path:
+                raise EdgePruneError("checkpoint_every needs a checkpoint_path (the file to write)")
+
+    @property
+    def checkpoint_interval(self) -> int | None:
+        if not self.checkpoint_path:
+            return None
+        return self.checkpoint_every or DEFAULT_CHECKPOINT_EVERY
 
     def fingerprint(self) -> dict:
-        """What must match for a checkpoint to be resumed."""
+        """The settings that must match for a checkpoint to be resumed (objective and ablation: run_identity)."""
         keep = ("target_sparsity", "start_sparsity", "steps", "sparsity_warmup", "lr", "lambda_lr", "lr_warmup", "batch_size",
                 "grad_clip", "node_masks", "sparsity_from", "seed", "input_nodes")
         return {k: getattr(self, k) for k in keep}
+
+
+DEFAULT_CHECKPOINT_EVERY = 50
 
 
 @dataclass
@@ -95,6 +116,7 @@ class EdgePruningResult:
     config: EdgePruningConfig
     seconds: float = 0.0
     info: dict = field(default_factory=dict)
+    model: dict | None = None  # fingerprint of the model trained on (class, name, weights hash)
 
     def soft_masks(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Deterministic eval masks (edges, nodes) by the reference rule."""
@@ -106,13 +128,13 @@ class EdgePruningResult:
         """Binary circuit by the reference binary search (binary density = mean soft mask)."""
         edges, nodes = self.soft_masks()
         node_keep = None if nodes is None else nodes >= 0.5
-        circuit = Circuit.from_soft_mask(self.graph, edges, node_keep, info=self._info())
+        circuit = Circuit.from_soft_mask(self.graph, edges, node_keep, info=self._info(), model=self.model)
         return circuit.prune_dangling() if prune_dangling else circuit
 
     def circuit_top_k(self, k: int) -> Circuit:
         """Exactly k edges, chosen by soft mask value."""
         edges, _ = self.soft_masks()
-        return Circuit.top_k(self.graph, edges, k=k, absolute=False, method="edge_pruning")
+        return Circuit.top_k(self.graph, edges, k=k, absolute=False, method="edge_pruning", model=self.model)
 
     def _info(self) -> dict:
         return {"target_sparsity": self.config.target_sparsity, "steps": self.config.steps, "seconds": self.seconds,
@@ -193,23 +215,31 @@ def edge_pruning(
     """Train Edge Pruning masks on ``data`` and return them; ``.circuit()`` reads out the binary circuit.
 
     ``trainable_edges`` ([writer, reader] bool) restricts learning to those edges, the rest fixed at 0 (HAP).
+    With ``checkpoint_path`` the state is saved periodically and at the end; ``resume=True`` continues a run
+    bit for bit, and refuses a checkpoint made with other settings, model, data, objective or ablation.
+    A step whose loss or gradients are not finite stops the run before any update; its state is saved beside
+    the checkpoint (or in a fresh temporary folder), never over it.
     """
     cfg = EdgePruningConfig(target_sparsity=target_sparsity, **options)
     cfg.validate()
+    if not isinstance(resume, bool):
+        raise EdgePruneError(f"resume must be True or False, got {resume!r}")
+    if callback is not None and not callable(callback):
+        raise EdgePruneError(f"callback must be a function (step, row) -> None, got {type(callback).__name__}")
     data = as_data(data)
-    if len(data) == 0:
-        raise EdgePruneError("the dataset is empty")
     objective = resolve_objective(cfg.objective)
-    if resume and not (cfg.checkpoint_path and os.path.exists(cfg.checkpoint_path)):
-        raise EdgePruneError(f"resume=True but there is no checkpoint at {cfg.checkpoint_path!r}")
+    if resume and not cfg.checkpoint_path:
+        raise EdgePruneError("resume=True needs the checkpoint_path of the run to continue")
     t0 = time.perf_counter()
     rank, world = _data_parallel()
     with frozen_parameters(model), MaskedModel(model, input_nodes=cfg.input_nodes) as mm:
+        mm.check_data(data)
         graph, device = mm.graph, mm.device
         valid = graph.valid_mask()
-        trainable = valid if trainable_edges is None else valid & trainable_edges.bool().cpu()
+        trainable = valid if trainable_edges is None else valid & _check_trainable(trainable_edges, graph)
         trainable_f = trainable.to(device=device, dtype=torch.float32)
-        n_edges = graph.n_edges
+        identity = checkpoint.run_identity(cfg, graph, model, data, cfg.objective, cfg.ablation, trainable,
+                                           mean_reference)
         gen = torch.Generator().manual_seed(cfg.seed)
         edge_gates = HardConcrete(graph.shape, gen, device)
         node_gates = HardConcrete((graph.n_writers,), gen, device) if cfg.node_masks else None
@@ -224,25 +254,53 @@ def edge_pruning(
         history: dict[str, list[float]] = {k: [] for k in ("loss", "objective", "sparsity", "target", "lambda1", "lambda2", "lr")}
         start = 0
         if resume:
-            start, history = _load_checkpoint(cfg, edge_gates, node_gates, lambdas, optimizer, scheduler, gen)
+            state = checkpoint.load(cfg.checkpoint_path, identity)
+            start, history = _restore(state, edge_gates, node_gates, lambdas, optimizer, scheduler, gen)
         source = counterfactual_source(mm, cfg.ablation, data, mean_reference, single_use=True)  # keep y − ỹ only
         # The built-in objectives read scored positions only: only those are unembedded, and cached.
         scored_only = objective in OBJECTIVES.values()
         per_example = ExampleCache(mm, data, source, cfg.cache_gib, scored_only=scored_only)
-
-        def save(step: int, path: str) -> None:
-            if rank != 0:  # masks are replicated: one rank writes
-                return
-            _save_checkpoint(path, cfg, step, edge_gates, node_gates, lambdas, optimizer, scheduler, gen, history)
-
         step_batches = StepBatches(data, cfg.batch_size, cfg.seed)
-        bar = tqdm(range(start, cfg.steps), disable=not cfg.progress or rank != 0, desc="edge pruning", initial=start, total=cfg.steps)
-        for step in bar:
+
+        def batch_at(step: int) -> tuple[PairedData, int, torch.Tensor]:
             batch, shard, rows = step_batches(step)
             if world > 1:
                 mine = _rank_slice(len(batch), rank, world)
                 batch, rows = batch.select(mine), rows[mine]
-            batch = batch.to(device)
+            return batch.to(device), shard, rows
+
+        if start and cfg.cache_gib > 0:
+            # The cache of an unbroken run holds each example as computed in its first-epoch batch (a row's
+            # values differ in the last bits with its batch-mates): replay those batches, so resume is exact.
+            for step in range(min(start, step_batches.per_epoch)):
+                per_example(*batch_at(step))
+                if not per_example.enabled:
+                    break
+
+        def save(step: int, path: str, generator_state: torch.Tensor) -> None:
+            if rank != 0:  # masks are replicated: one rank writes
+                return
+            checkpoint.save(path, identity, step, _state(edge_gates, node_gates, lambdas, optimizer, scheduler,
+                                                         generator_state, history))
+
+        def fail(step: int, what: str, generator_state: torch.Tensor, updated: bool) -> None:
+            last = cfg.checkpoint_path if cfg.checkpoint_path and os.path.exists(cfg.checkpoint_path) else None
+            kept = f" The last periodic checkpoint, {last}, is untouched." if last else ""
+            if updated:  # the parameters themselves went non-finite: there is no good state in memory to save
+                raise EdgePruneError(f"step {step}: the update made {what} non-finite (lower lr/lambda_lr).{kept}")
+            dump = checkpoint.failure_path(cfg.checkpoint_path, step)
+            save(step, dump, generator_state)
+            raise EdgePruneError(
+                f"step {step}: {what} is not finite, so the step was not applied. The state before it is saved at "
+                f"{dump} (resume from it with checkpoint_path={dump!r}, resume=True, after fixing the cause: "
+                f"lower lr/lambda_lr, or check the objective and the data).{kept}"
+            )
+
+        interval = cfg.checkpoint_interval
+        bar = tqdm(range(start, cfg.steps), disable=not cfg.progress or rank != 0, desc="edge pruning", initial=start, total=cfg.steps)
+        for step in bar:
+            generator_state = gen.get_state()  # before this step's sample: a failure dump resumes this very step
+            batch, shard, rows = batch_at(step)
             cf, full = per_example(batch, shard, rows)  # ỹ and the target (the unmasked model's logits)
             z = edge_gates.sample(gen) * trainable_f
             nodes = node_gates.sample(gen) if node_gates is not None else None
@@ -250,20 +308,13 @@ def edge_pruning(
                         logits_at=batch.positions if scored_only else None)
             obj = objective(logits, full, batch)
             if cfg.sparsity_from == "sampled":
-                sparsity = 1 - z.sum() / n_edges
+                sparsity = 1 - z.sum() / graph.n_edges
             else:
-                sparsity = 1 - (edge_gates.prob_nonzero() * trainable_f).sum() / n_edges
+                sparsity = 1 - (edge_gates.prob_nonzero() * trainable_f).sum() / graph.n_edges
             ramp = min(1.0, step / cfg.sparsity_warmup) if cfg.sparsity_warmup else 1.0
             target = cfg.start_sparsity + (cfg.target_sparsity - cfg.start_sparsity) * ramp
             gap = sparsity - target
             loss = obj + lambdas[0] * gap + lambdas[1] * gap**2
-            if not torch.isfinite(loss):
-                path = cfg.checkpoint_path or os.path.join(tempfile.gettempdir(), f"edge_pruning_failed_step{step}.pt")
-                save(step, path)
-                raise EdgePruneError(
-                    f"the loss became {float(loss.detach())} at step {step} (objective {float(obj.detach())}); the state before this "
-                    f"step is saved at {path}. Lower lr/lambda_lr, check the data, or resume from the checkpoint."
-                )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if world > 1:  # average gradients over ranks: the same update everywhere keeps masks replicated
@@ -271,10 +322,21 @@ def edge_pruning(
                     if p.grad is not None:
                         torch.distributed.all_reduce(p.grad)
                         p.grad /= world
+            bad = checkpoint.nonfinite({"the objective": obj, "the loss": loss,
+                                        "the gradient of the edge log α": edge_gates.log_alpha.grad,
+                                        "the gradient of the node log α": None if node_gates is None else node_gates.log_alpha.grad,
+                                        "the gradient of λ": lambdas.grad})
+            if bad is not None:
+                fail(step, f"{bad} ({_value_of(bad, obj, loss)})", generator_state, updated=False)
             lambdas.grad.neg_()  # gradient ascent on λ
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            if cfg.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             optimizer.step()
             scheduler.step()
+            bad = checkpoint.nonfinite({"edge log α": edge_gates.log_alpha, "λ": lambdas,
+                                        "node log α": None if node_gates is None else node_gates.log_alpha})
+            if bad is not None:
+                fail(step, bad, generator_state, updated=True)
             row = {"loss": float(loss.detach()), "objective": float(obj.detach()), "sparsity": float(sparsity.detach()), "target": target,
                    "lambda1": float(lambdas[0].detach()), "lambda2": float(lambdas[1].detach()), "lr": scheduler.get_last_lr()[0]}
             for k, v in row.items():
@@ -284,8 +346,8 @@ def edge_pruning(
             if step % 10 == 0 or step == cfg.steps - 1:
                 bar.set_postfix(obj=f"{row['objective']:.4f}", s=f"{row['sparsity']:.3f}", t=f"{target:.3f}",
                                 l1=f"{row['lambda1']:.2f}")
-            if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
-                save(step + 1, cfg.checkpoint_path)
+            if interval and ((step + 1) % interval == 0 or step + 1 == cfg.steps):
+                save(step + 1, cfg.checkpoint_path, gen.get_state())
         bar.close()
         return EdgePruningResult(
             graph=graph,
@@ -296,29 +358,44 @@ def edge_pruning(
             config=cfg,
             seconds=time.perf_counter() - t0,
             info={"example_cache": per_example.describe()},
+            model=identity["model"],
         )
 
 
-def _save_checkpoint(path, cfg, step, edge_gates, node_gates, lambdas, optimizer, scheduler, gen, history) -> None:
-    state = {
-        "step": step,
-        "fingerprint": cfg.fingerprint(),
+def _value_of(name: str, obj: torch.Tensor, loss: torch.Tensor) -> str:
+    if name == "the objective":
+        return f"{float(obj.detach())}"
+    if name == "the loss":
+        return f"{float(loss.detach())}; objective {float(obj.detach())}"
+    return "NaN or inf entries"
+
+
+def _check_trainable(trainable_edges: Any, graph: Graph) -> torch.Tensor:
+    """A [writer, reader] bool mask exactly (a [reader] vector would broadcast over writers silently)."""
+    if not isinstance(trainable_edges, torch.Tensor) or tuple(trainable_edges.shape) != graph.shape:
+        shape = list(trainable_edges.shape) if isinstance(trainable_edges, torch.Tensor) else type(trainable_edges).__name__
+        raise EdgePruneError(f"trainable_edges must be a bool tensor of the graph's shape {list(graph.shape)} "
+                             f"([n_writers, n_readers], e.g. circuit.edges), got {shape}")
+    if trainable_edges.dtype != torch.bool:
+        values = trainable_edges.detach().cpu()
+        if not bool(((values == 0) | (values == 1)).all()):
+            raise EdgePruneError("trainable_edges must be bool (or 0/1): True marks the edges the masks may keep")
+    return trainable_edges.bool().cpu()
+
+
+def _state(edge_gates, node_gates, lambdas, optimizer, scheduler, generator_state, history) -> dict:
+    return {
         "edge_log_alpha": edge_gates.log_alpha.detach().cpu(),
         "node_log_alpha": None if node_gates is None else node_gates.log_alpha.detach().cpu(),
         "lambdas": lambdas.detach().cpu(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
-        "generator": gen.get_state(),
+        "generator": generator_state,
         "history": history,
     }
-    _atomic_write(path, lambda f: torch.save(state, f))
 
 
-def _load_checkpoint(cfg, edge_gates, node_gates, lambdas, optimizer, scheduler, gen):
-    state = torch.load(cfg.checkpoint_path, weights_only=False)
-    if state["fingerprint"] != cfg.fingerprint():
-        diff = {k: (state["fingerprint"].get(k), v) for k, v in cfg.fingerprint().items() if state["fingerprint"].get(k) != v}
-        raise EdgePruneError(f"the checkpoint was made with other settings (checkpoint, now): {diff}")
+def _restore(state, edge_gates, node_gates, lambdas, optimizer, scheduler, gen) -> tuple[int, dict]:
     with torch.no_grad():
         edge_gates.log_alpha.copy_(state["edge_log_alpha"])
         if node_gates is not None:

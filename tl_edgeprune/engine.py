@@ -9,6 +9,8 @@ writers, exact (bit for bit) when every mask is 1, with gradients flowing to the
 from __future__ import annotations
 
 import contextlib
+import threading
+import weakref
 from collections import Counter
 from typing import Any, Iterable, Sequence
 
@@ -25,6 +27,12 @@ from .mixing import BufferPool, DeltaBuffer, Window, mix_rest, mix_window, plan_
 # Relative tolerance of the attach-time check that the residual stream is the sum of the writers.
 IDENTITY_TOL = {torch.float64: 1e-9, torch.float32: 1e-4}
 IDENTITY_TOL_LOW_PRECISION = 3e-2
+
+
+# The MaskedModel active on each model: TransformerLens keeps one hook context per model, so a second context
+# would remove the first's hooks on exit (and restore flags out of order). A second one is refused instead.
+_ACTIVE: "weakref.WeakKeyDictionary[Any, MaskedModel]" = weakref.WeakKeyDictionary()
+_ACTIVE_LOCK = threading.Lock()
 
 
 class _WritersDone(Exception):
@@ -74,10 +82,13 @@ class MaskedModel:
         if graph is None:
             graph = Graph.from_spec(model_spec, input_nodes)
         elif graph.spec != model_spec:
-            raise EdgePruneError(
-                f"the graph was built for {graph.spec} but the model is {model_spec}; build it with "
-                "Graph.from_model(model)."
-            )
+            own = Graph.from_spec(model_spec, graph.input_nodes)
+            if not own.same_structure(graph):
+                raise EdgePruneError(
+                    f"the graph was built for {graph.spec} but the model is {model_spec}; build it with "
+                    "Graph.from_model(model)."
+                )
+            graph = own  # e.g. a circuit file that does not record the position embedding: same nodes and edges
         self.graph = graph
         self.check_identity = check_identity
         self._run: _Run | None = None
@@ -85,6 +96,12 @@ class MaskedModel:
         self._stack: contextlib.ExitStack | None = None
         self._user_flags: dict[str, Any] = {}
         self._pool = BufferPool()
+        self._thread: int | None = None  # the thread that entered: hooks refuse forwards from any other
+        self._hook_points: list[Any] = []
+        self._hooks_expected = 0  # forward hooks on the model's hook points while this context is active
+        self._user_hooks: list[str] = []  # hook points that carried hooks of the user's when the context began
+        self._hooks_at_enter: dict[str, int] = {}
+        self._writer_points: set[str] = set()  # hook points (canonical names) where writer outputs are read
         self._plan_mixing()
         self._expected_firings = self._expected_hook_keys()
         self._expected_writer_firings = Counter({k: n for k, n in self._expected_firings.items() if k[0] == "w"})
@@ -93,12 +110,30 @@ class MaskedModel:
     def __enter__(self) -> "MaskedModel":
         if self._stack is not None:
             raise EdgePruneError("this MaskedModel is already active; do not nest `with` on the same object")
+        with _ACTIVE_LOCK:
+            other = _ACTIVE.get(self.model)
+            if other is not None:
+                raise EdgePruneError(
+                    f"another MaskedModel is already active on this model (entered in thread {other._thread_name}); "
+                    "two at once would remove each other's hooks and leave the model's flags changed. Leave the first "
+                    "`with` block (or let its method finish) before starting another on the same model."
+                )
+            _ACTIVE[self.model] = self
+        self._thread, self._thread_name = threading.get_ident(), threading.current_thread().name
         stack = contextlib.ExitStack()
         try:
+            stack.callback(self._release)
+            self._hook_points = self.adapter.hook_points()
+            self._user_hooks = [name for name, hp in self._hook_points if _forward_hooks(hp)]
             flags = self._user_flags = self.adapter.flag_state()
             stack.callback(self.adapter.restore_flags, flags)  # runs last, after the hooks are gone
             self._enable_flags()
             stack.enter_context(self.adapter.hooks(self._hook_list()))
+            self._hooks_expected = self._count_hooks()
+            self._hooks_at_enter = {name: _forward_hooks(hp) for name, hp in self._hook_points}
+            hook_dict = self.model.hook_dict
+            writer_modules = {id(hook_dict[self._writer_hook_name(c)]) for c in self.graph.writer_chunks}
+            self._writer_points = {name for name, hp in self._hook_points if id(hp) in writer_modules}
             if self.check_identity:
                 self._check_residual_identity()
         except BaseException:
@@ -115,9 +150,64 @@ class MaskedModel:
         if stack is not None:
             stack.close()
 
+    def _release(self) -> None:
+        with _ACTIVE_LOCK:
+            if _ACTIVE.get(self.model) is self:
+                del _ACTIVE[self.model]
+        self._thread = None
+
+    def _count_hooks(self) -> int:
+        return sum(_forward_hooks(hp) for _, hp in self._hook_points)
+
+    def _check_hooks_unchanged(self) -> None:
+        """A hook added at a writer's hook point after the engine's runs after it: the residual stream would get
+        that hook's output while the masks mix the output the engine saw (stale). Hooks elsewhere, and hooks that
+        were there before the context began (the attach-time identity check covers them), are fine."""
+        if self._count_hooks() == self._hooks_expected:
+            return
+        now = {name: _forward_hooks(hp) for name, hp in self._hook_points}
+        removed = [name for name, hp in self._hook_points if now[name] < self._hooks_at_enter[name]]
+        if removed:
+            raise EdgePruneError(
+                f"hooks were removed from the model while this MaskedModel is active (at {removed}): was "
+                "model.reset_hooks() called inside the `with` block? Leave the block first; it removes its own hooks."
+            )
+        at_writers = [name for name in self._writer_points if now[name] != self._hooks_at_enter[name]]
+        if at_writers:
+            raise EdgePruneError(
+                f"a hook was added at {at_writers} while this MaskedModel is active. It runs after the engine's writer "
+                "hook there, so the residual stream would carry its output while the masks mix the output the engine "
+                "saw. Add it before entering the MaskedModel (the attach-time check then covers it), or outside it."
+            )
+        # Hooks added elsewhere (observers, interventions on reader inputs) are the user's own business.
+
+    @contextlib.contextmanager
+    def extra_hooks(self, fwd_hooks: list[tuple[str, Any]]):
+        """Hooks a method adds on purpose for some forwards (EAP-IG's interpolated inputs), exempt from the check
+        that nothing else hooks the model mid-context."""
+        self._require_active()
+        before = self._hooks_at_enter
+        try:
+            with self.adapter.hooks(fwd_hooks):
+                self._hooks_at_enter = {name: _forward_hooks(hp) for name, hp in self._hook_points}
+                self._hooks_expected = self._count_hooks()
+                yield
+        finally:
+            self._hooks_at_enter = before
+            self._hooks_expected = self._count_hooks()
+
+    def _check_thread(self) -> None:
+        if threading.get_ident() != self._thread:
+            raise EdgePruneError(
+                f"this model is in use by a MaskedModel (Edge Pruning, EAP, ACDC or an evaluation) in thread "
+                f"{self._thread_name}: a forward from another thread would run through its hooks. Wait for it to "
+                "finish, or use a copy of the model (copy.deepcopy(model)) in this thread."
+            )
+
     def _require_active(self) -> None:
         if self._stack is None:
             raise EdgePruneError("use the MaskedModel inside `with MaskedModel(model) as mm:`")
+        self._check_thread()
 
     # ------------------------------------------------------------------ public API
     @property
@@ -142,6 +232,7 @@ class MaskedModel:
         alone (the logits elsewhere are 0), which saves most of the unembedding's cost when one position counts.
         """
         self._require_active()
+        self._check_hooks_unchanged()
         tokens = self._check_tokens(tokens, "tokens")
         attention_mask = self._check_attention_mask(attention_mask, tokens)
         logits_at = self._check_logits_at(logits_at, tokens)
@@ -254,6 +345,37 @@ class MaskedModel:
         with torch.no_grad():
             self._execute(run, tokens, attention_mask)
         return run.buffer.values
+
+    def check_data(self, data: Any) -> None:
+        """Every example's token ids, answers and token subset against this model, before any forward: a bad row
+        fails now, by its index, not after hours of training on the rows before it."""
+        self._require_active()
+        vocab, vocab_out, n_ctx = self.adapter.d_vocab, self.adapter.d_vocab_out, self.adapter.n_ctx
+        offset = 0
+        for shard in data.shards:
+            if shard.clean.shape[1] > n_ctx:
+                raise EdgePruneError(f"examples {offset}..{offset + len(shard) - 1} have {shard.clean.shape[1]} "
+                                     f"positions but the model's n_ctx is {n_ctx}: shorten the prompts")
+            checks = [("clean tokens", shard.clean, vocab), ("corrupted tokens", shard.corrupted, vocab),
+                      ("answers", shard.answers, vocab_out), ("distractors", shard.distractors, vocab_out)]
+            for what, ids, size in checks:
+                if ids is None:
+                    continue
+                bad = ((ids < 0) | (ids >= size)).reshape(len(ids), -1).any(1).nonzero().flatten()
+                if len(bad):
+                    row = int(bad[0])
+                    values = ids[row].reshape(-1)
+                    wrong = values[(values < 0) | (values >= size)].tolist()
+                    raise EdgePruneError(
+                        f"example {offset + row} ({len(bad)} examples in all): {what} {wrong} lie outside the model's "
+                        f"{'output vocabulary' if size == vocab_out and what in ('answers', 'distractors') else 'vocabulary'}"
+                        f" [0, {size}). Tokenise with this model's tokenizer, or drop those examples."
+                    )
+            subset = shard.token_subset
+            if subset is not None and bool(((subset < 0) | (subset >= vocab_out)).any()):
+                raise EdgePruneError(f"token_subset holds ids outside the model's output vocabulary [0, {vocab_out}): "
+                                     f"{subset[(subset < 0) | (subset >= vocab_out)].tolist()[:5]}")
+            offset += len(shard)
 
     def full_logits(
         self,
@@ -407,6 +529,8 @@ class MaskedModel:
         key = ("w", chunk_index)
 
         def hook(activation: torch.Tensor, hook: Any) -> None:
+            if threading.get_ident() != self._thread:
+                self._check_thread()
             run = self._run
             if run is None:
                 return None
@@ -441,6 +565,8 @@ class MaskedModel:
         part_index = [o for _, o, _, _ in self._reader_parts(group)].index(offset)
 
         def hook(activation: torch.Tensor, hook: Any) -> torch.Tensor | None:
+            if threading.get_ident() != self._thread:
+                self._check_thread()
             run = self._run
             if run is None or run.plain:  # plain runs only read writers (the user may have split q/k/v on)
                 return None
@@ -541,13 +667,15 @@ class MaskedModel:
                 scale = max(1.0, float(resid.abs().max()))
                 if deviation > tol * scale:
                     reader = self.graph.readers[group.start]
-                    raise UnsupportedModelError(
-                        post_norm_message(
-                            self.adapter.architecture_name(),
-                            detail=f"at {reader} the residual stream differs from the sum of its upstream "
-                            f"writers by {deviation:.3g}, relative to a scale of {scale:.3g}",
+                    found = (f"at {reader} the residual stream differs from the sum of its upstream writers by "
+                             f"{deviation:.3g}, relative to a scale of {scale:.3g}")
+                    if self._user_hooks:
+                        raise EdgePruneError(
+                            f"{found}. The model carries hooks of its own at {self._user_hooks}: a hook that changes "
+                            "activations there (scaling, patching, steering) breaks the identity the masks rely on. "
+                            "Remove them (model.reset_hooks()) or fold their change into the weights, then mask again."
                         )
-                    )
+                    raise UnsupportedModelError(post_norm_message(self.adapter.architecture_name(), detail=found))
 
     def _check_tokens(self, tokens: Any, what: str) -> torch.Tensor:
         if isinstance(tokens, (str, list, tuple)):
@@ -609,6 +737,14 @@ def _check_mask(mask: Any, shape: Sequence[int], what: str, device: torch.device
     device = torch.device(device)
     if mask.device.type != device.type or (mask.device.index or 0) != (device.index or 0):
         raise EdgePruneError(f"{what} is on {mask.device} but the model is on {device}; use {what}.to('{device}')")
+    if mask.is_floating_point() and mask.device.type != "meta":
+        values = mask.detach()
+        if not bool(((values >= 0) & (values <= 1)).all()):  # NaN fails both comparisons
+            bad = (~((values >= 0) & (values <= 1))).nonzero()[0].tolist()
+            raise EdgePruneError(
+                f"{what} must hold values in [0, 1] (1 keeps the clean edge, 0 the ablated one); entry {bad} is "
+                f"{float(values[tuple(bad)])}. A NaN mask would give finite, wrong logits; clamp or fix the mask."
+            )
     return mask
 
 
@@ -632,3 +768,7 @@ def _split_reference(reference: Any, attention_mask: Any, batch_size: int):
             yield item[0], item[1]
         else:
             yield item, None
+
+
+def _forward_hooks(hook_point: Any) -> int:
+    return len(hook_point._forward_hooks) + len(hook_point._forward_pre_hooks)

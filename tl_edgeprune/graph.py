@@ -258,6 +258,12 @@ class Graph:
         per_group = self.spec.n_heads // self.spec.n_kv_heads
         return [self.writer_index(f"a{layer}.h{h}") for h in range(index * per_group, (index + 1) * per_group)]
 
+    def same_structure(self, other: "Graph") -> bool:
+        """Same writers, readers, edges and width, so masks of one index the other's; the specs may still differ
+        in facts that change no edge (a merged-input graph does not depend on the position embedding)."""
+        return (self.writers == other.writers and self.readers == other.readers
+                and self.reader_groups == other.reader_groups and self.spec.d_model == other.spec.d_model)
+
     def compatible_with(self, other: "Graph") -> bool:
         return self.spec == other.spec and self.input_nodes == other.input_nodes
 

@@ -115,7 +115,7 @@ def assembled_to_payload(assembled: Any, output_label: str, name: str) -> dict:
 def shipped_payload(name: str) -> dict:
     _task(name)
     with gzip.open(os.path.join(DATA_DIR, f"tracr_{name}.pt.gz"), "rb") as f:
-        return torch.load(io.BytesIO(f.read()), weights_only=False)
+        return torch.load(io.BytesIO(f.read()), weights_only=True)  # tensors and plain types: never runs code
 
 
 def save_payload(payload: dict, folder: str = DATA_DIR) -> str:

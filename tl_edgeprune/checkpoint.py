@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from .counterfactual import Counterfactual
-from .errors import EdgePruneError
+from .errors import EdgePruneError, first_line
 from .files import atomic_write
 from .fingerprint import data_digest, model_fingerprint, tensor_digest
 
@@ -97,7 +97,7 @@ def read(path: str) -> dict[str, Any]:
     except (pickle.UnpicklingError, EOFError, RuntimeError, OSError, ValueError, zipfile.BadZipFile, KeyError,
             AttributeError, TypeError) as exc:
         raise EdgePruneError(
-            f"{path!r} cannot be read as an Edge Pruning checkpoint ({type(exc).__name__}: {str(exc)[:200]}). It may be "
+            f"{path!r} cannot be read as an Edge Pruning checkpoint ({type(exc).__name__}: {first_line(exc)}). It may be "
             "truncated, empty or another kind of file; files are loaded with weights_only=True, so one that would run "
             "code on load is refused too. Delete it to start afresh, or point checkpoint_path at a real checkpoint."
         ) from None
@@ -129,3 +129,4 @@ def failure_path(checkpoint_path: str | None, step: int) -> str:
         root, ext = os.path.splitext(checkpoint_path)
         return f"{root}.failed-step{step}{ext or '.pt'}"
     return os.path.join(tempfile.mkdtemp(prefix="tl_edgeprune-"), f"failed-step{step}.pt")
+

@@ -18,7 +18,7 @@ from .ablations import Ablation, counterfactual_source
 from .data import PairedData
 from .engine import MaskedModel
 from . import validation
-from .errors import EdgePruneError
+from .errors import EdgePruneError, first_line
 from .fingerprint import describe_difference, model_fingerprint
 from .files import atomic_write
 from .graph import Graph, GraphSpec
@@ -248,7 +248,7 @@ class Circuit:
             payload = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # torch raises many types for bad files; all mean "not a circuit we can read"
             raise EdgePruneError(
-                f"cannot read {os.fspath(path)!r} as a saved circuit ({type(exc).__name__}: {str(exc)[:200]}). Files "
+                f"cannot read {os.fspath(path)!r} as a saved circuit ({type(exc).__name__}: {first_line(exc)}). Files "
                 "load with weights_only=True: one that would run code on load is refused."
             ) from None
         if not isinstance(payload, dict) or payload.get("format") != CIRCUIT_FORMAT:
@@ -381,3 +381,4 @@ def _jsonable(info: dict) -> dict:
         elif isinstance(v, (list, tuple)) and all(isinstance(x, (int, float, str, bool)) for x in v):
             out[k] = list(v)
     return out
+

@@ -11,3 +11,11 @@ class UnsupportedModelError(EdgePruneError):
 
 class HookFiringError(RuntimeError):
     """A hook fired a wrong number of times: the model's forward did not go where the graph says."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, without terminal escapes (torch's load errors carry some)."""
+    import re
+
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
+    return (text.splitlines() or [""])[0][:160]

@@ -39,6 +39,9 @@ class EdgePruningConfig:
     lr: float = 0.8  # log α of edges and nodes
     lambda_lr: float = 0.8
     lr_warmup: int = 200
+    # Where log α starts (N(init_log_alpha, 0.01)). The reference's 10 keeps every gate clamped at 1 until log α has
+    # come down by ~2: with Adam moving it ≤ lr a step, nothing prunes for the first tens of steps.
+    init_log_alpha: float = 10.0
     batch_size: int = 32
     grad_clip: float | None = 1.0  # max gradient norm; None turns clipping off (0 would freeze every mask)
     node_masks: bool = True
@@ -73,6 +76,7 @@ class EdgePruningConfig:
         v.integer("lr_warmup", self.lr_warmup, minimum=0)
         v.integer("seed", self.seed)
         v.positive("lr", self.lr)
+        v.real("init_log_alpha", self.init_log_alpha, low=-20.0, high=20.0)
         v.positive("lambda_lr", self.lambda_lr)
         if self.grad_clip is not None:
             v.positive("grad_clip", self.grad_clip, hint=" (a clip of 0 freezes every mask, a negative one reverses "
@@ -90,6 +94,11 @@ class EdgePruningConfig:
             if not self.checkpoint_path:
                 raise EdgePruneError("checkpoint_every needs a checkpoint_path (the file to write)")
 
+    @classmethod
+    def reference(cls, **overrides: Any) -> "EdgePruningConfig":
+        """The Edge Pruning paper's GPT-2 settings exactly (sampled sparsity estimate), as a named preset."""
+        return cls(**({"sparsity_from": "sampled"} | overrides))
+
     @property
     def checkpoint_interval(self) -> int | None:
         if not self.checkpoint_path:
@@ -99,7 +108,7 @@ class EdgePruningConfig:
     def fingerprint(self) -> dict:
         """The settings that must match for a checkpoint to be resumed (objective and ablation: run_identity)."""
         keep = ("target_sparsity", "start_sparsity", "steps", "sparsity_warmup", "lr", "lambda_lr", "lr_warmup", "batch_size",
-                "grad_clip", "node_masks", "sparsity_from", "seed", "input_nodes")
+                "grad_clip", "node_masks", "sparsity_from", "seed", "input_nodes", "init_log_alpha")
         return {k: getattr(self, k) for k in keep}
 
 
@@ -241,8 +250,8 @@ def edge_pruning(
         identity = checkpoint.run_identity(cfg, graph, model, data, cfg.objective, cfg.ablation, trainable,
                                            mean_reference)
         gen = torch.Generator().manual_seed(cfg.seed)
-        edge_gates = HardConcrete(graph.shape, gen, device)
-        node_gates = HardConcrete((graph.n_writers,), gen, device) if cfg.node_masks else None
+        edge_gates = HardConcrete(graph.shape, gen, device, cfg.init_log_alpha)
+        node_gates = HardConcrete((graph.n_writers,), gen, device, cfg.init_log_alpha) if cfg.node_masks else None
         lambdas = nn.Parameter(torch.zeros(2, device=device))
         groups = [{"params": [edge_gates.log_alpha], "lr": cfg.lr}]
         if node_gates is not None:

@@ -19,9 +19,10 @@ INIT_MEAN, INIT_STD = 10.0, 0.01
 class HardConcrete(nn.Module):
     """A tensor of hard-concrete gates over ``shape``; ``log_alpha`` is the learned parameter."""
 
-    def __init__(self, shape: tuple[int, ...], generator: torch.Generator | None = None, device=None):
+    def __init__(self, shape: tuple[int, ...], generator: torch.Generator | None = None, device=None,
+                 init_mean: float = INIT_MEAN):
         super().__init__()
-        init = torch.empty(shape, dtype=torch.float32).normal_(INIT_MEAN, INIT_STD, generator=generator)
+        init = torch.empty(shape, dtype=torch.float32).normal_(init_mean, INIT_STD, generator=generator)
         self.log_alpha = nn.Parameter(init.to(device))
 
     def sample(self, generator: torch.Generator | None = None) -> Float[torch.Tensor, "..."]:

@@ -129,3 +129,26 @@ def test_hap_trains_only_preselected_edges():
     assert result.info["preselected_edges"] == round(0.2 * circuit.graph.n_edges)
     assert not (circuit.edges & ~result.trainable).any()
     assert result.info["eap_seconds"] > 0
+
+
+def test_evaluate_circuits_shares_work_and_gives_evaluates_numbers():
+    """evaluate_circuits (one ỹ and one full forward per batch for every circuit) equals Circuit.evaluate per
+    circuit, and faithfulness_curve reports KL from the same pass (issue 15, item 4)."""
+    import tl_edgeprune as tep
+    from tl_edgeprune.eap import eap
+    from tl_edgeprune.selection import faithfulness_curve
+
+    from .conftest import small_problem
+
+    model, data = small_problem(n=20)
+    scores = eap(model, data, progress=False)
+    circuits = [scores.circuit(k=k) for k in (5, 40, 120)]
+    together = tep.evaluate_circuits(model, circuits, data, batch_size=8)
+    for circuit, shared in zip(circuits, together):
+        alone = circuit.evaluate(model, data, batch_size=8)
+        assert set(alone) == set(shared)
+        for key in alone:
+            assert shared[key] == pytest.approx(alone[key], abs=1e-5), key
+    curve = faithfulness_curve(model, data, scores, [5, 40, 120], batch_size=8)
+    assert curve.kl == pytest.approx([r["kl"] for r in together], abs=1e-5)
+    assert together[0]["kl"] > together[2]["kl"]  # more edges, closer to the model: the test can fail

@@ -102,3 +102,35 @@ def test_prompts_of_different_lengths_are_right_padded_and_scored_at_their_last_
     assert data.attention_mask.sum(1).tolist() == lengths and data.clean.shape[1] == max(lengths)
     assert data.positions.nonzero()[:, 1].tolist() == [n - 1 for n in lengths]
     assert int(data.clean[1, -1]) == tok.pad_token_id
+
+
+def chat_tokenizer():
+    """A tokenizer whose BOS is a chat-template marker, as SmolLM2's <|im_start|> is."""
+    from transformers import PreTrainedTokenizerFast
+
+    base = tokenizer(extra_words=["<|im_start|>"])
+    folder = tempfile.mkdtemp()
+    PreTrainedTokenizerFast(tokenizer_object=base.backend_tokenizer, unk_token="<unk>", bos_token="<|im_start|>",
+                            pad_token="<pad>").save_pretrained(folder)
+    return PreTrainedTokenizerFast.from_pretrained(folder)
+
+
+def test_a_chat_marker_bos_is_not_prepended_by_default():
+    chat = chat_tokenizer()
+    assert chat.bos_token == "<|im_start|>" and chat.bos_token_id is not None
+    data = tasks.ioi(chat, n=6).data
+    assert not bool((data.clean[:, 0] == chat.bos_token_id).any())
+    forced = tasks.ioi(chat, n=6, prepend_bos=True).data
+    assert bool((forced.clean[:, 0] == chat.bos_token_id).all())
+    assert bool((tasks.ioi(tokenizer(), n=6).data.clean[:, 0] == tokenizer().bos_token_id).all())  # a plain BOS: kept
+
+
+def test_held_out_examples_are_split_off():
+    whole = tasks.gendered_pronoun(tokenizer(), n=20, seed=3)
+    task = tasks.gendered_pronoun(tokenizer(), n=20, seed=3, held_out=8)
+    assert len(task.data) == 12 and len(task.held_out) == 8
+    assert torch.equal(torch.cat([task.data.clean, task.held_out.clean]), whole.data.clean)
+    assert torch.equal(torch.cat([task.data.answers, task.held_out.answers]), whole.data.answers)
+    with pytest.raises(tep.EdgePruneError, match="held_out must lie in"):
+        tasks.ioi(tokenizer(), n=5, held_out=5)
+    assert tep.tasks is tasks  # importable from the top level

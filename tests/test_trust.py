@@ -475,3 +475,15 @@ def test_d15_exactness_is_claimed_for_float32_and_low_precision_is_documented(to
     assert torch.equal(masked, split)
     readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert "float32/float64" in readme and "bfloat16/float16" in readme
+
+
+def test_a_checkpoint_reads_out_the_circuit_of_its_run(tmp_path):
+    """EdgePruningResult.from_checkpoint: the masks and circuit of a run still going or killed (issue 15, item 3)."""
+    model, data = small_problem()
+    path = str(tmp_path / "ck.pt")
+    res = tep.edge_pruning(model, data, 0.5, checkpoint_path=path, **(FAST | dict(steps=20)))
+    read = tep.EdgePruningResult.from_checkpoint(path)
+    assert torch.equal(read.edge_log_alpha, res.edge_log_alpha) and read.history == res.history
+    assert torch.equal(read.circuit().edges, res.circuit().edges) and read.circuit().model == res.circuit().model
+    with pytest.raises(tep.EdgePruneError, match="is a folder"):
+        tep.EdgePruningResult.from_checkpoint(str(tmp_path))

@@ -1,6 +1,8 @@
 """tl_edgeprune: circuits in TransformerLens models by Edge Pruning, on one masked-forward engine."""
 
-from .circuit import Circuit
+from . import tasks
+
+from .circuit import Circuit, evaluate_circuits
 from .counterfactual import Counterfactual
 from .data import PairedData, ShardedData, as_data, paired_data
 from .edge_pruning import EdgePruningConfig, EdgePruningResult, edge_pruning
@@ -26,6 +28,7 @@ __all__ = [
     "as_data",
     "UnsupportedModelError",
     "edge_mask_from_names",
+    "evaluate_circuits",
     "edge_pruning",
     "load_tracr",
     "masked",

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from jaxtyping import Bool, Float
@@ -151,12 +151,7 @@ class Circuit:
         mean_reference: torch.Tensor | None = None, allow_other_model: bool = False,
     ) -> dict[str, float]:
         """KL/MSE to the full model, answer metrics and exact match, via the engine with binary masks."""
-        self.check_model(model, allow_other_model)
-        with MaskedModel(model, self.graph) as mm:
-            return evaluate_mask(mm, self.mask(), data, ablation, batch_size, mean_reference) | {
-                "edges": self.n_edges,
-                "sparsity": self.sparsity,
-            }
+        return evaluate_circuits(model, [self], data, ablation, batch_size, mean_reference, allow_other_model)[0]
 
     # ------------------------------------------------------------------ files
     def to_dict(self) -> dict:
@@ -342,35 +337,57 @@ def binary_search_threshold(soft: torch.Tensor, valid: torch.Tensor, iterations:
     return hi
 
 
-def evaluate_mask(
-    mm: MaskedModel, mask: torch.Tensor, data: PairedData, ablation: Ablation = "interchange", batch_size: int = 32,
-    mean_reference: torch.Tensor | None = None,
-) -> dict[str, float]:
-    """Metrics of one mask over a dataset, averaged over examples."""
+def evaluate_masks(
+    mm: MaskedModel, masks: list[torch.Tensor], data: PairedData, ablation: Ablation = "interchange",
+    batch_size: int = 32, mean_reference: torch.Tensor | None = None, metric: Callable | None = None,
+) -> list[dict[str, float]]:
+    """Metrics of several masks over a dataset, averaged over examples. Per batch, ỹ, the full model's logits and
+    their unembedding are computed once and shared by every mask; only the scored positions are unembedded (every
+    metric reads those alone). ``metric(logits, batch)``: a scalar of the user's, reported as ``"metric"``."""
     validation.integer("batch_size", batch_size, minimum=1)
     mm.check_data(data)
-    source = counterfactual_source(mm, ablation, data, mean_reference, single_use=True)
-    mask = mask.to(mm.device)
-    totals: dict[str, float] = {}
-    n = 0
+    source = counterfactual_source(mm, ablation, data, mean_reference, single_use=len(masks) == 1)
+    masks = [mask.to(mm.device) for mask in masks]
+    totals: list[dict[str, float]] = [{} for _ in masks]
     with torch.no_grad():
         for batch in data.batches(batch_size):
+            batch = batch.to(mm.device)
             cf = source(batch)
-            full = mm.full_logits(batch.clean, batch.attention_mask)
-            circuit = mm(batch.clean, cf, mask, attention_mask=batch.attention_mask)
-            batch = batch.to(circuit.device)
-            values = {
-                "kl": float(kl_divergence(circuit, full, batch)),
-                "mse": float(mean_squared_error(circuit, full, batch)),
-                "exact_match": exact_match(circuit, full, batch),
-                **answer_metrics(circuit, full, batch),
-            }
-            full_answers = answer_metrics(full, full, batch)
-            values.update({f"full_{k}": v for k, v in full_answers.items()})
-            for k, v in values.items():
-                totals[k] = totals.get(k, 0.0) + v * len(batch)
-            n += len(batch)
-    return {k: v / n for k, v in totals.items()}
+            at = batch.positions
+            full = mm.full_logits(batch.clean, batch.attention_mask, at=at)
+            full_answers = {f"full_{k}": v for k, v in answer_metrics(full, full, batch).items()}
+            for mask, total in zip(masks, totals):
+                circuit = mm(batch.clean, cf, mask, attention_mask=batch.attention_mask, logits_at=at)
+                values = {
+                    "kl": float(kl_divergence(circuit, full, batch)),
+                    "mse": float(mean_squared_error(circuit, full, batch)),
+                    "exact_match": exact_match(circuit, full, batch),
+                    **answer_metrics(circuit, full, batch),
+                    **full_answers,
+                }
+                if metric is not None:
+                    values["metric"] = float(metric(circuit, batch))
+                for k, v in values.items():
+                    total[k] = total.get(k, 0.0) + v * len(batch)
+    return [{k: v / len(data) for k, v in total.items()} for total in totals]
+
+
+def evaluate_circuits(
+    model: Any, circuits: list[Circuit], data: PairedData, ablation: Ablation = "interchange", batch_size: int = 32,
+    mean_reference: torch.Tensor | None = None, allow_other_model: bool = False,
+) -> list[dict[str, float]]:
+    """``Circuit.evaluate`` for many circuits of one graph at once: ỹ and the full model's logits are computed once
+    per batch for all of them (on SmolLM2 IOI the full forward and ỹ are most of an evaluation)."""
+    if not circuits:
+        return []
+    graph = circuits[0].graph
+    for circuit in circuits:
+        if not circuit.graph.same_structure(graph):
+            raise EdgePruneError("evaluate_circuits needs circuits of one graph; evaluate the others separately")
+        circuit.check_model(model, allow_other_model)
+    with MaskedModel(model, graph) as mm:
+        results = evaluate_masks(mm, [c.mask() for c in circuits], data, ablation, batch_size, mean_reference)
+    return [r | {"edges": c.n_edges, "sparsity": c.sparsity} for r, c in zip(results, circuits)]
 
 
 def _jsonable(info: dict) -> dict:

@@ -23,7 +23,7 @@ from .data import PairedData, as_data
 from .engine import MaskedModel
 from .errors import EdgePruneError
 from .example_cache import ExampleCache
-from .graph import Graph, InputNodes
+from .graph import Graph, GraphSpec, InputNodes
 from .hard_concrete import HardConcrete
 from .metrics import OBJECTIVES, Objective, resolve_objective
 
@@ -144,6 +144,19 @@ class EdgePruningResult:
         """Exactly k edges, chosen by soft mask value."""
         edges, _ = self.soft_masks()
         return Circuit.top_k(self.graph, edges, k=k, absolute=False, method="edge_pruning", model=self.model)
+
+    @classmethod
+    def from_checkpoint(cls, path: str) -> "EdgePruningResult":
+        """The masks of a checkpoint (of a run still going, or killed), to read out its circuit now."""
+        state = checkpoint.read(path)
+        identity = state["identity"]
+        spec = dict(identity["graph"])
+        input_nodes = spec.pop("input_nodes")
+        graph = Graph.from_spec(GraphSpec(**spec), input_nodes)
+        config = EdgePruningConfig(**identity["settings"])
+        return cls(graph=graph, edge_log_alpha=state["edge_log_alpha"], node_log_alpha=state["node_log_alpha"],
+                   trainable=state["trainable"], history={k: list(v) for k, v in state["history"].items()},
+                   config=config, info={"checkpoint": path, "step": state["step"]}, model=identity["model"])
 
     def _info(self) -> dict:
         return {"target_sparsity": self.config.target_sparsity, "steps": self.config.steps, "seconds": self.seconds,
@@ -290,7 +303,7 @@ def edge_pruning(
             if rank != 0:  # masks are replicated: one rank writes
                 return
             checkpoint.save(path, identity, step, _state(edge_gates, node_gates, lambdas, optimizer, scheduler,
-                                                         generator_state, history))
+                                                         generator_state, history) | {"trainable": trainable})
 
         def fail(step: int, what: str, generator_state: torch.Tensor, updated: bool) -> None:
             last = cfg.checkpoint_path if cfg.checkpoint_path and os.path.exists(cfg.checkpoint_path) else None

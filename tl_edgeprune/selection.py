@@ -8,8 +8,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .ablations import Ablation, counterfactual_source
-from .circuit import Circuit
+from .ablations import Ablation
+from .circuit import Circuit, evaluate_masks
 from .data import PairedData
 from .engine import MaskedModel
 from .errors import EdgePruneError
@@ -64,6 +64,11 @@ class Curve:
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def kl(self) -> list[float]:
+        """KL(full ‖ circuit) at each size, measured in the same pass as the metric."""
+        return self.extra["kl"]
+
+    @property
     def faithfulness(self) -> list[float]:
         """(m(C) − m(∅)) / (m(N) − m(∅))."""
         span = self.full - self.empty
@@ -85,23 +90,6 @@ class Curve:
 def _area(xs: Sequence[float], ys: Sequence[float]) -> float:
     pts = sorted(zip(xs, ys))
     return sum((x1 - x0) * (y0 + y1) / 2 for (x0, y0), (x1, y1) in zip(pts, pts[1:]))
-
-
-def circuit_metric(
-    mm: MaskedModel, masks: list[torch.Tensor], data: PairedData, metric: Callable, ablation: Ablation,
-    batch_size: int = 32, mean_reference: torch.Tensor | None = None,
-) -> list[float]:
-    """metric(logits, batch) of each mask, averaged over examples; counterfactuals computed once per batch."""
-    source = counterfactual_source(mm, ablation, data, mean_reference)
-    totals = [0.0] * len(masks)
-    with torch.no_grad():
-        for batch in data.batches(batch_size):
-            batch = batch.to(mm.device)
-            cf = source(batch)
-            for i, mask in enumerate(masks):
-                logits = mm(batch.clean, cf, mask.to(mm.device), attention_mask=batch.attention_mask)
-                totals[i] += float(metric(logits, batch)) * len(batch)
-    return [t / len(data) for t in totals]
 
 
 def faithfulness_curve(
@@ -148,7 +136,8 @@ def faithfulness_curve(
         c.check_model(model)
     with MaskedModel(model, graph) as mm:
         masks = [graph.ones(), graph.zeros()] + [c.mask() for c in circuits]
-        values = circuit_metric(mm, masks, data, metric, ablation, batch_size)
+        results = evaluate_masks(mm, masks, data, ablation, batch_size, metric=metric)
+    values = [r["metric"] for r in results]
     return Curve(
         method=name,
         edges=[c.n_edges for c in circuits],
@@ -156,4 +145,5 @@ def faithfulness_curve(
         values=values[2:],
         full=values[0],
         empty=values[1],
+        extra={"kl": [r["kl"] for r in results[2:]], "metrics": results[2:], "empty_kl": results[1]["kl"]},
     )

@@ -15,6 +15,7 @@ from typing import Any, Callable
 import torch
 
 from .data import PairedData, paired_data
+from . import validation
 from .errors import EdgePruneError
 
 NAMES = ["Mary", "John", "Tom", "James", "Dan", "Sid", "Martin", "Amy", "Paul", "Kate", "Anna", "Mike", "Lisa",
@@ -36,6 +37,44 @@ class Task:
     corrupted_prompts: list[str]
     data: PairedData
     metric: Callable[[torch.Tensor, PairedData], torch.Tensor]
+    held_out: PairedData | None = None  # the last ``held_out`` examples, kept apart to judge circuits on
+
+    def split(self, held_out: int) -> "Task":
+        """The same task with its last ``held_out`` examples moved from ``data`` to ``held_out``."""
+        data = self.data if self.held_out is None else _concat(self.data, self.held_out)
+        n = len(data)
+        if not 0 < held_out < n:
+            raise EdgePruneError(f"held_out must lie in (0, {n}) examples, got {held_out}")
+        return Task(self.name, self.clean_prompts, self.corrupted_prompts, data.select(slice(0, n - held_out)),
+                    self.metric, data.select(slice(n - held_out, n)))
+
+
+def _concat(a: PairedData, b: PairedData) -> PairedData:
+    from dataclasses import fields
+
+    kw = {}
+    for f in fields(a):
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        kw[f.name] = x if (x is None or f.name == "token_subset") else torch.cat([x, y])
+    return PairedData(**kw)
+
+
+def _with_held_out(held_out: int, task: Task) -> Task:
+    if held_out != 0:
+        return task.split(validation.integer("held_out", held_out, minimum=1))
+    return task
+
+
+# BOS tokens that are really chat-template markers: prepending one puts the model in "chat" mode (on SmolLM2,
+# <|im_start|> lowers IOI's logit difference from 5.12 to 4.51), so generators do not prepend them by default.
+CHAT_MARKERS = ("<|im_start|>", "<|start_header_id|>", "<start_of_turn>", "<|im_end|>")
+
+
+def default_prepend_bos(tokenizer: Any) -> bool:
+    """Prepend the tokenizer's BOS if it has one that is a plain document start (GPT-2's <|endoftext|>, Llama's <s>),
+    not a chat-template marker."""
+    bos = getattr(tokenizer, "bos_token", None)
+    return bos is not None and getattr(tokenizer, "bos_token_id", None) is not None and bos not in CHAT_MARKERS
 
 
 def _encode(tokenizer: Any, text: str) -> list[int]:
@@ -50,8 +89,10 @@ def single_token(tokenizer: Any, word: str) -> int | None:
     return None
 
 
-def _tokenise_pairs(tokenizer: Any, clean: list[str], corrupted: list[str], prepend_bos: bool) -> tuple[list, list]:
+def _tokenise_pairs(tokenizer: Any, clean: list[str], corrupted: list[str], prepend_bos: bool | None) -> tuple[list, list]:
     """Token ids per prompt; each clean/corrupted pair must have the same length so positions align."""
+    if prepend_bos is None:
+        prepend_bos = default_prepend_bos(tokenizer)
     bos = [tokenizer.bos_token_id] if prepend_bos and tokenizer.bos_token_id is not None else []
     rows_c, rows_x = [], []
     for i, (c, x) in enumerate(zip(clean, corrupted)):
@@ -94,7 +135,7 @@ def _single_token_names(tokenizer: Any, names: list[str], need: int, what: str) 
     return ok
 
 
-def ioi(tokenizer: Any, n: int = 100, seed: int = 0, names: list[str] | None = None, prepend_bos: bool = True) -> Task:
+def ioi(tokenizer: Any, n: int = 100, seed: int = 0, names: list[str] | None = None, prepend_bos: bool | None = None, held_out: int = 0) -> Task:
     """Indirect object identification (ABBA and BABA alternating). Corruption replaces every name with another
     single-token name, so clean and corrupted prompts have the same tokens up to the names."""
     rng = random.Random(seed)
@@ -109,11 +150,11 @@ def ioi(tokenizer: Any, n: int = 100, seed: int = 0, names: list[str] | None = N
         corrupted.append(template.format(A=c, B=d, place=place, obj=obj))
         answers.append(pool[a])
         distractors.append(pool[b])
-    return Task("ioi", clean, corrupted, _bundle(tokenizer, clean, corrupted, answers, distractors, prepend_bos),
-                logit_difference)
+    return _with_held_out(held_out, Task("ioi", clean, corrupted, _bundle(tokenizer, clean, corrupted, answers, distractors, prepend_bos),
+                logit_difference))
 
 
-def greater_than(tokenizer: Any, n: int = 100, seed: int = 0, prepend_bos: bool = True) -> Task:
+def greater_than(tokenizer: Any, n: int = 100, seed: int = 0, prepend_bos: bool | None = None, held_out: int = 0) -> Task:
     """"The war lasted from the year 17YY to the year 17" → a year above YY; corrupted with YY = 01.
     Scored over the tokens "00".."99" (renormalised): metric = P(> YY) − P(≤ YY)."""
     digits = [single_token(tokenizer, f"{y:02d}") for y in range(100)]
@@ -138,10 +179,10 @@ def greater_than(tokenizer: Any, n: int = 100, seed: int = 0, prepend_bos: bool 
         above = torch.arange(100, device=logits.device)[None] > batch.answers.to(logits.device)[:, None]
         return ((probs * above).sum(-1) - (probs * ~above).sum(-1)).mean()
 
-    return Task("greater_than", clean, corrupted, data, prob_diff)
+    return _with_held_out(held_out, Task("greater_than", clean, corrupted, data, prob_diff))
 
 
-def gendered_pronoun(tokenizer: Any, n: int = 100, seed: int = 0, prepend_bos: bool = True) -> Task:
+def gendered_pronoun(tokenizer: Any, n: int = 100, seed: int = 0, prepend_bos: bool | None = None, held_out: int = 0) -> Task:
     """"So {name} is a really great friend, isn't" → " he"/" she"; corrupted with an opposite-gender name."""
     male = _single_token_names(tokenizer, MALE, 1, "male names")
     female = _single_token_names(tokenizer, FEMALE, 1, "female names")
@@ -158,11 +199,11 @@ def gendered_pronoun(tokenizer: Any, n: int = 100, seed: int = 0, prepend_bos: b
         corrupted.append(f"So {other} is a really great friend, isn't")
         answers.append(he if is_male else she)
         distractors.append(she if is_male else he)
-    return Task("gendered_pronoun", clean, corrupted, _bundle(tokenizer, clean, corrupted, answers, distractors,
-                                                              prepend_bos), logit_difference)
+    return _with_held_out(held_out, Task("gendered_pronoun", clean, corrupted, _bundle(tokenizer, clean, corrupted, answers, distractors,
+                                                              prepend_bos), logit_difference))
 
 
-def from_jsonl(tokenizer: Any, path: str, prepend_bos: bool = True) -> Task:
+def from_jsonl(tokenizer: Any, path: str, prepend_bos: bool | None = None, held_out: int = 0) -> Task:
     """Lines of ``{"clean", "corrupted", "answer", "distractor"}``; answers are read at the last token."""
     clean, corrupted, answers, distractors = [], [], [], []
     with open(path) as f:
@@ -189,5 +230,5 @@ def from_jsonl(tokenizer: Any, path: str, prepend_bos: bool = True) -> Task:
             distractors.append(ids["distractor"])
     if not clean:
         raise EdgePruneError(f"{path}: no examples")
-    return Task("jsonl", clean, corrupted, _bundle(tokenizer, clean, corrupted, answers, distractors, prepend_bos),
-                logit_difference)
+    return _with_held_out(held_out, Task("jsonl", clean, corrupted, _bundle(tokenizer, clean, corrupted, answers, distractors, prepend_bos),
+                logit_difference))

@@ -57,6 +57,9 @@ def test_training_reduces_edges_and_history_is_recorded():
     # A random model's KL barely resists, so the sparsity term drives this run: it must have pruned.
     assert circuit.n_edges < 0.7 * circuit.graph.n_edges
     assert res.history["sparsity"][0] < 0.01 and res.history["sparsity"][-1] > 0.3
+    # What the user sees while it trains is the sparsity of the circuit the read-out would give at that step.
+    assert res.history["circuit_sparsity"][-1] == pytest.approx(circuit.sparsity, abs=1e-12)
+    assert res.history["circuit_sparsity"][0] == 0.0 and len(res.history["circuit_sparsity"]) == 60
     # The model's weights and requires_grad flags are untouched.
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     assert [p.requires_grad for p in model.parameters()] == grads

@@ -273,7 +273,7 @@ def edge_pruning(
         optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.lr_warmup, cfg.steps))
         params = [p for g in groups for p in g["params"]]
-        history: dict[str, list[float]] = {k: [] for k in ("loss", "objective", "sparsity", "target", "lambda1", "lambda2", "lr")}
+        history: dict[str, list[float]] = {k: [] for k in HISTORY}
         start = 0
         if resume:
             state = checkpoint.load(cfg.checkpoint_path, identity)
@@ -360,13 +360,15 @@ def edge_pruning(
             if bad is not None:
                 fail(step, bad, generator_state, updated=True)
             row = {"loss": float(loss.detach()), "objective": float(obj.detach()), "sparsity": float(sparsity.detach()), "target": target,
-                   "lambda1": float(lambdas[0].detach()), "lambda2": float(lambdas[1].detach()), "lr": scheduler.get_last_lr()[0]}
-            for k, v in row.items():
-                history[k].append(v)
+                   "lambda1": float(lambdas[0].detach()), "lambda2": float(lambdas[1].detach()), "lr": scheduler.get_last_lr()[0],
+                   "circuit_sparsity": readout_sparsity(graph, edge_gates, node_gates, trainable),
+                   "seconds": time.perf_counter() - t0}
+            for k in HISTORY:
+                history[k].append(row[k])
             if callback is not None:
                 callback(step, row)
             if step % 10 == 0 or step == cfg.steps - 1:
-                bar.set_postfix(obj=f"{row['objective']:.4f}", s=f"{row['sparsity']:.3f}", t=f"{target:.3f}",
+                bar.set_postfix(obj=f"{row['objective']:.4f}", circuit=f"{row['circuit_sparsity']:.3f}", t=f"{target:.3f}",
                                 l1=f"{row['lambda1']:.2f}")
             if interval and ((step + 1) % interval == 0 or step + 1 == cfg.steps):
                 save(step + 1, cfg.checkpoint_path, gen.get_state())
@@ -382,6 +384,26 @@ def edge_pruning(
             info={"example_cache": per_example.describe()},
             model=identity["model"],
         )
+
+
+# history: per step. "sparsity" is the training estimate (expected L0 or the sample's); "circuit_sparsity" is what
+# result.circuit() would read out at that step. The callback's row also has "seconds" since the call began (not in
+# the history, so a resumed run's history equals an unbroken one's).
+HISTORY = ("loss", "objective", "sparsity", "target", "lambda1", "lambda2", "lr", "circuit_sparsity")
+
+
+def readout_sparsity(graph: Graph, edge_gates: HardConcrete, node_gates: HardConcrete | None,
+                     trainable: torch.Tensor) -> float:
+    """Sparsity of the circuit the reference read-out gives now (``EdgePruningResult.circuit()``), counting an edge
+    only if its source node is kept."""
+    from .circuit import binary_search_threshold
+
+    valid = graph.valid_mask()
+    soft = edge_gates.deterministic(trainable).detach().cpu().double()
+    edges = (soft >= binary_search_threshold(soft, valid)) & valid
+    if node_gates is not None:
+        edges &= (node_gates.deterministic().detach().cpu() >= 0.5)[:, None]
+    return 1.0 - int(edges.sum()) / graph.n_edges
 
 
 def _value_of(name: str, obj: torch.Tensor, loss: torch.Tensor) -> str:

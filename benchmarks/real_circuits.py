@@ -35,11 +35,40 @@ def split(data: tep.PairedData, n_train: int) -> tuple[tep.PairedData, tep.Paire
     return data.select(slice(0, n_train)), data.select(slice(n_train, len(data)))
 
 
-def judge(model, circuit: tep.Circuit, held_out, empty_ld: float, batch: int) -> dict:
-    m = circuit.evaluate(model, held_out, batch_size=batch)
-    span = m["full_logit_diff"] - empty_ld
-    return {"edges": circuit.n_edges, "sparsity": circuit.sparsity, "kl": m["kl"], "accuracy": m["accuracy"],
-            "logit_diff": m["logit_diff"], "faithfulness": (m["logit_diff"] - empty_ld) / span if span else float("nan")}
+def judged(model, circuits: dict[str, tep.Circuit], held_out, batch: int) -> dict[str, dict]:
+    """Held-out metrics of every circuit (and of the empty one) in one shared pass, with LD faithfulness."""
+    graph = next(iter(circuits.values())).graph
+    names = ["(empty)"] + list(circuits)
+    results = tep.evaluate_circuits(model, [tep.Circuit(graph, torch.zeros(graph.shape, dtype=torch.bool))]
+                                    + list(circuits.values()), held_out, batch_size=batch)
+    empty_ld = results[0]["logit_diff"]
+    out = {}
+    for name, m in zip(names, results):
+        span = m["full_logit_diff"] - empty_ld
+        out[name] = {"edges": m["edges"], "sparsity": m["sparsity"], "kl": m["kl"], "accuracy": m["accuracy"],
+                     "logit_diff": m["logit_diff"], "faithfulness": (m["logit_diff"] - empty_ld) / span}
+    return out
+
+
+def figure(rows: list[dict], path: str, title: str) -> None:
+    """KL and logit-difference faithfulness against edge count, one line per method family."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("held-out KL (lower is better)", "LD faithfulness"))
+    families: dict[str, list[dict]] = {}
+    for row in rows:
+        families.setdefault(row["family"], []).append(row)
+    for family, points in families.items():
+        points = sorted(points, key=lambda r: r["edges"])
+        for col, key in ((1, "kl"), (2, "faithfulness")):
+            fig.add_trace(go.Scatter(x=[p["edges"] for p in points], y=[p[key] for p in points], mode="lines+markers",
+                                     name=family, legendgroup=family, showlegend=col == 1,
+                                     text=[p["method"] for p in points]), row=1, col=col)
+    fig.update_xaxes(type="log", title_text="edges in the circuit")
+    fig.update_yaxes(type="log", row=1, col=1)
+    fig.update_layout(title=title, height=450, width=1000)
+    fig.write_html(path, include_plotlyjs="cdn")
 
 
 def main(argv=None) -> None:
@@ -69,41 +98,58 @@ def main(argv=None) -> None:
     data = TASKS[args.task](tok, n=args.n, seed=0, prepend_bos=False).data
     train, held_out = split(data, args.train)
     graph = tep.Graph.from_model(model)
-    empty = tep.Circuit(graph, torch.zeros(graph.shape, dtype=torch.bool))
-    empty_ld = empty.evaluate(model, held_out, batch_size=args.batch)["logit_diff"]
-    rows, scores = [], {}
     methods = args.methods.split(",")
-
-    def record(name: str, circuit: tep.Circuit, seconds: float, extra: dict | None = None) -> None:
-        row = {"method": name, "seconds": seconds, **judge(model, circuit, held_out, empty_ld, args.batch), **(extra or {})}
-        for ref in ("eap", "eap-ig"):
-            if ref in scores and name != ref:
-                row[f"{ref}_kl_same_edges"] = judge(model, scores[ref].circuit(k=circuit.n_edges), held_out, empty_ld,
-                                                    args.batch)["kl"]
-        rows.append(row)
-        circuit.to_json(os.path.join(args.out, f"{args.task}_{name}{args.tag}.json"))
-        print(json.dumps(row), flush=True)
-
+    circuits: dict[str, tep.Circuit] = {}
+    info: dict[str, dict] = {}
+    scores = {}
     for name, ig in (("eap", None), ("eap-ig", args.ig_steps)):
         if name in methods:
             t = time.perf_counter()
             scores[name] = eap(model, train, ig_steps=ig, batch_size=args.batch, progress=False)
-            seconds = time.perf_counter() - t
-            record(name, scores[name].circuit(fraction=1 - 0.966), seconds)
+            info[name] = {"seconds": time.perf_counter() - t}
+            print(f"{name}: {info[name]['seconds']:.0f} s", flush=True)
     options = dict(steps=args.steps, sparsity_warmup=int(args.warmup_fraction * args.steps), lr_warmup=min(200, args.steps // 10),
                    lr=args.lr, lambda_lr=args.lr, batch_size=args.batch, init_log_alpha=args.init_log_alpha, progress=False)
     for target in [float(t) for t in args.targets.split(",")]:
+        runs = []
         if "ep" in methods:
-            res = tep.edge_pruning(model, train, target, **options)
-            record(f"ep{target:g}", res.circuit(), res.seconds,
-                   {"target": target, "final_sparsity_logged": res.history["sparsity"][-1]})
+            runs.append((f"ep{target:g}", lambda: tep.edge_pruning(model, train, target, **options), {}))
         if "hap" in methods:
-            res = hap(model, train, target, keep=args.hap_keep, **options)
-            record(f"hap{target:g}", res.circuit(), res.seconds, {"target": target, "keep": args.hap_keep})
+            runs.append((f"hap{target:g}", lambda: hap(model, train, target, keep=args.hap_keep, **options),
+                         {"keep": args.hap_keep}))
+        for name, run, extra in runs:
+            res = run()
+            circuits[name] = res.circuit()
+            info[name] = {"seconds": res.seconds, "target": target, **extra,
+                          "logged_circuit_sparsity": res.history["circuit_sparsity"][-1]}
+            circuits[name].to_json(os.path.join(args.out, f"{args.task}_{name}{args.tag}.json"))
+            print(f"{name}: {circuits[name]} in {res.seconds:.0f} s", flush=True)
+    # EAP and EAP-IG at the size of every learned circuit, and along a curve.
+    sizes = sorted({c.n_edges for c in circuits.values()} | {int(f * graph.n_edges) for f in (0.005, 0.01, 0.02, 0.034, 0.05, 0.1)})
+    for name, sc in scores.items():
+        for k in sizes:
+            circuits[f"{name}@{k}"] = sc.circuit(k=k)
+        sc.circuit(fraction=1 - 0.966).to_json(os.path.join(args.out, f"{args.task}_{name}_top3.4{args.tag}.json"))
+    t = time.perf_counter()
+    metrics = judged(model, circuits, held_out, args.batch)
+    eval_s = time.perf_counter() - t
+    rows = []
+    for name, m in metrics.items():
+        family = name.split("@")[0] if "@" in name else ("edge pruning" if name.startswith("ep") else
+                                                          "hap" if name.startswith("hap") else name)
+        row = {"method": name, "family": family, **m, **info.get(name.split("@")[0] if "@" in name else name, {})}
+        for ref in scores:
+            same = metrics.get(f"{ref}@{m['edges']}")
+            if same is not None and "@" not in name and name not in scores:
+                row[f"{ref}_kl_same_edges"] = same["kl"]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    figure([r for r in rows if r["method"] != "(empty)"], os.path.join(args.out, f"{args.task}{args.tag}.html"),
+           f"SmolLM2-135M, {args.task}: held-out ({len(held_out)} examples)")
     summary = {"task": args.task, "n": args.n, "train": args.train, "args": vars(args), "load_seconds": load_s,
                "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
                "threads": torch.get_num_threads(), "torch": torch.__version__, "graph_edges": graph.n_edges,
-               "empty_logit_diff": empty_ld, "rows": rows}
+               "evaluation_seconds": eval_s, "rows": rows}
     with open(os.path.join(args.out, f"summary_{args.task}{args.tag}.json"), "w") as f:
         json.dump(summary, f, indent=1)
 

@@ -11,6 +11,7 @@ at the same edge count. Circuits (MIB JSON) and ``summary.json`` go to ``--out``
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import platform
@@ -23,7 +24,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import tl_edgeprune as tep  # noqa: E402
 from tl_edgeprune import tasks  # noqa: E402
-from tl_edgeprune.eap import eap  # noqa: E402
+from tl_edgeprune.eap import EdgeScores, eap  # noqa: E402
 from tl_edgeprune.hap import hap  # noqa: E402
 
 from benchmarks.smollm2 import load_smollm2  # noqa: E402
@@ -86,6 +87,7 @@ def main(argv=None) -> None:
     p.add_argument("--hap-keep", type=float, default=0.15)
     p.add_argument("--ig-steps", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--evaluate", action="store_true", help="also judge every circuit earlier runs left in --out")
     p.add_argument("--tag", default="", help="suffix of the circuit files and summary (A/B runs)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "smollm2"))
     args = p.parse_args(argv)
@@ -103,27 +105,51 @@ def main(argv=None) -> None:
     info: dict[str, dict] = {}
     scores = {}
     for name, ig in (("eap", None), ("eap-ig", args.ig_steps)):
-        if name in methods:
-            t = time.perf_counter()
+        if name not in methods:
+            continue
+        cached = os.path.join(args.out, f"scores_{args.task}_{name}_n{args.n}_train{args.train}.pt")
+        if os.path.exists(cached):  # scores depend only on the model, the data and the method: reuse across runs
+            saved = torch.load(cached, weights_only=True)
+            scores[name] = EdgeScores(graph, saved["scores"], saved["method"], saved["seconds"], saved["model"])
+        else:
             scores[name] = eap(model, train, ig_steps=ig, batch_size=args.batch, progress=False)
-            info[name] = {"seconds": time.perf_counter() - t}
-            print(f"{name}: {info[name]['seconds']:.0f} s", flush=True)
+            torch.save({"scores": scores[name].scores, "method": scores[name].method, "seconds": scores[name].seconds,
+                        "model": scores[name].model}, cached)
+        info[name] = {"seconds": scores[name].seconds}
+        print(f"{name}: {info[name]['seconds']:.0f} s", flush=True)
+    def report(step: int, row: dict) -> None:
+        if step % 25 == 0 or step == args.steps - 1:
+            print(f"  step {step}: circuit sparsity {row['circuit_sparsity']:.4f} (target {row['target']:.3f}), "
+                  f"objective {row['objective']:.4f}, {row['seconds']:.0f} s", flush=True)
+
     options = dict(steps=args.steps, sparsity_warmup=int(args.warmup_fraction * args.steps), lr_warmup=min(200, args.steps // 10),
-                   lr=args.lr, lambda_lr=args.lr, batch_size=args.batch, init_log_alpha=args.init_log_alpha, progress=False)
-    for target in [float(t) for t in args.targets.split(",")]:
+                   lr=args.lr, lambda_lr=args.lr, batch_size=args.batch, init_log_alpha=args.init_log_alpha, progress=False,
+                   callback=report)
+    for target in [float(t) for t in args.targets.split(",") if t]:
         runs = []
         if "ep" in methods:
-            runs.append((f"ep{target:g}", lambda: tep.edge_pruning(model, train, target, **options), {}))
+            runs.append((f"ep{target:g}", lambda: tep.edge_pruning(model, train, target, **options),
+                         {"family": f"edge pruning{args.tag}"}))
         if "hap" in methods:
             runs.append((f"hap{target:g}", lambda: hap(model, train, target, keep=args.hap_keep, **options),
-                         {"keep": args.hap_keep}))
+                         {"keep": args.hap_keep, "family": f"hap{args.tag}"}))
         for name, run, extra in runs:
             res = run()
+            name += args.tag
             circuits[name] = res.circuit()
             info[name] = {"seconds": res.seconds, "target": target, **extra,
                           "logged_circuit_sparsity": res.history["circuit_sparsity"][-1]}
-            circuits[name].to_json(os.path.join(args.out, f"{args.task}_{name}{args.tag}.json"))
+            circuits[name].to_json(os.path.join(args.out, f"{args.task}_{name}.json"))
+            with open(os.path.join(args.out, f"run_{args.task}_{name}.json"), "w") as f:
+                json.dump({**info[name], "options": {k: v for k, v in options.items() if k != "callback"},
+                           "threads": torch.get_num_threads(), "history": res.history}, f)
             print(f"{name}: {circuits[name]} in {res.seconds:.0f} s", flush=True)
+    if args.evaluate:  # every learned circuit of earlier runs in --out, judged together
+        for run in sorted(glob.glob(os.path.join(args.out, f"run_{args.task}_*.json"))):
+            name = os.path.basename(run)[len(f"run_{args.task}_"):-len(".json")]
+            with open(run) as f:
+                info[name] = {k: v for k, v in json.load(f).items() if k != "history"}
+            circuits[name] = tep.Circuit.from_json(os.path.join(args.out, f"{args.task}_{name}.json"))
     # EAP and EAP-IG at the size of every learned circuit, and along a curve.
     sizes = sorted({c.n_edges for c in circuits.values()} | {int(f * graph.n_edges) for f in (0.005, 0.01, 0.02, 0.034, 0.05, 0.1)})
     for name, sc in scores.items():
@@ -135,13 +161,13 @@ def main(argv=None) -> None:
     eval_s = time.perf_counter() - t
     rows = []
     for name, m in metrics.items():
-        family = name.split("@")[0] if "@" in name else ("edge pruning" if name.startswith("ep") else
-                                                          "hap" if name.startswith("hap") else name)
-        row = {"method": name, "family": family, **m, **info.get(name.split("@")[0] if "@" in name else name, {})}
+        base = name.split("@")[0]
+        row = {"method": name, "family": base, **m, **info.get(name, info.get(base, {}) if "@" in name else {})}
         for ref in scores:
             same = metrics.get(f"{ref}@{m['edges']}")
             if same is not None and "@" not in name and name not in scores:
                 row[f"{ref}_kl_same_edges"] = same["kl"]
+                circuits[f"{ref}@{m['edges']}"].to_json(os.path.join(args.out, f"{args.task}_{ref}_same_as_{name}.json"))
         rows.append(row)
         print(json.dumps(row), flush=True)
     figure([r for r in rows if r["method"] != "(empty)"], os.path.join(args.out, f"{args.task}{args.tag}.html"),
@@ -152,6 +178,29 @@ def main(argv=None) -> None:
                "evaluation_seconds": eval_s, "rows": rows}
     with open(os.path.join(args.out, f"summary_{args.task}{args.tag}.json"), "w") as f:
         json.dump(summary, f, indent=1)
+    with open(os.path.join(args.out, f"table_{args.task}{args.tag}.md"), "w") as f:
+        f.write(table(rows, summary))
+
+
+def table(rows: list[dict], summary: dict) -> str:
+    """The learned circuits and EAP / EAP-IG at the same sizes, as a markdown table."""
+    lines = [f"SmolLM2-135M-Instruct, {summary['task']}, {summary['n'] - summary['train']} held-out examples, "
+             f"{summary['machine']}, {summary['threads']} torch thread(s), torch {summary['torch']}.", "",
+             "| circuit | edges | sparsity | held-out KL | EAP KL, same edges | EAP-IG KL, same edges | LD faithfulness "
+             "| accuracy | train time |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in sorted(rows, key=lambda r: (r["family"], r["edges"])):
+        if "@" in r["method"] or r["method"] == "(empty)":
+            continue
+        def f(key, fmt="{:.3f}"):
+            return fmt.format(r[key]) if key in r else "–"
+        lines.append(f"| {r['method']} | {r['edges']:,} | {r['sparsity']:.4f} | {r['kl']:.3f} | {f('eap_kl_same_edges')} "
+                     f"| {f('eap-ig_kl_same_edges')} | {r['faithfulness']:.3f} | {r['accuracy']:.3f} "
+                     f"| {f('seconds', '{:.0f} s')} |")
+    for r in sorted(rows, key=lambda r: (r["family"], r["edges"])):
+        if r["method"].startswith(("eap@", "eap-ig@")) and abs(r["sparsity"] - 0.966) < 5e-4:
+            lines.append(f"| {r['method']} (top 3.4 %) | {r['edges']:,} | {r['sparsity']:.4f} | {r['kl']:.3f} | | "
+                         f"| {r['faithfulness']:.3f} | {r['accuracy']:.3f} | {f('seconds', '{:.0f} s')} |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

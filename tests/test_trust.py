@@ -127,7 +127,12 @@ def test_d03_resume_from_a_bad_file_says_what_it_is(made_checkpoint, tmp_path, k
     if kind == "truncated":
         pathlib.Path(bad).write_bytes(pathlib.Path(path).read_bytes()[: os.path.getsize(path) // 2])
     elif kind == "random":
-        pathlib.Path(bad).write_bytes(os.urandom(4096))
+        for seed in range(20):  # many byte patterns: torch's unpickler fails on each in its own way
+            pathlib.Path(bad).write_bytes(torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(seed),
+                                                        dtype=torch.uint8).numpy().tobytes())
+            with pytest.raises(tep.EdgePruneError, match=match):
+                tep.edge_pruning(model, data, 0.5, checkpoint_path=bad, resume=True, **(FAST | dict(steps=4)))
+            pathlib.Path(bad).write_bytes(b"PK\x03\x04" + bytes(range(256)) * 4)  # a zip header, then junk
     elif kind == "empty":
         pathlib.Path(bad).write_bytes(b"")
     elif kind == "directory":

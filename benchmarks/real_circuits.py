@@ -82,6 +82,7 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=0.8)
+    p.add_argument("--lambda-lr", type=float, default=None, help="default: --lr")
     p.add_argument("--init-log-alpha", type=float, default=10.0)
     p.add_argument("--init-from", default="", choices=["", "eap", "eap-ig"],
                    help="start log α from these cached scores (hap.attribution_init) instead of --init-log-alpha")
@@ -132,7 +133,7 @@ def main(argv=None) -> None:
         if args.init_from not in methods:
             del scores[args.init_from]  # a training input here, not a method to compare against
     options = dict(steps=args.steps, sparsity_warmup=int(args.warmup_fraction * args.steps), lr_warmup=min(200, args.steps // 10),
-                   lr=args.lr, lambda_lr=args.lr, batch_size=args.batch, init_log_alpha=init, progress=False,
+                   lr=args.lr, lambda_lr=args.lambda_lr or args.lr, batch_size=args.batch, init_log_alpha=init, progress=False,
                    callback=report)
     for target in [float(t) for t in args.targets.split(",") if t]:
         runs = []

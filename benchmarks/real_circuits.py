@@ -137,8 +137,10 @@ def main(argv=None) -> None:
                    callback=report)
     for target in [float(t) for t in args.targets.split(",") if t]:
         runs = []
+        # Started at an attribution's circuit, the target ramps from that circuit's sparsity (as HAP's does).
+        start = {"start_sparsity": min(target, 1 - args.init_keep)} if args.init_from else {}
         if "ep" in methods:
-            runs.append((f"ep{target:g}", lambda: tep.edge_pruning(model, train, target, **options),
+            runs.append((f"ep{target:g}", lambda: tep.edge_pruning(model, train, target, **options, **start),
                          {"family": f"edge pruning{args.tag}"}))
         if "hap" in methods:
             runs.append((f"hap{target:g}", lambda: hap(model, train, target, keep=args.hap_keep, **options),

@@ -4,7 +4,7 @@
     python benchmarks/check_real_circuits.py            # exit 1 if an Edge Pruning circuit loses to EAP-IG
 
 For each committed Edge Pruning circuit that has an EAP-IG circuit of the same size beside it
-(``ioi_eap-ig_same_as_<name>.json``, written by ``real_circuits.py``), both are evaluated on the held-out IOI
+(``ioi_eap-ig_same_as_<name>.json.gz``, written by ``real_circuits.py``), both are evaluated on the held-out IOI
 examples (the last 64 of ``tasks.ioi(tok, n=160, seed=0, prepend_bos=False)``) and the Edge Pruning one must have
 the lower KL. A few minutes on 2 CPU cores.
 """
@@ -48,10 +48,10 @@ def check_tokenizer(tok) -> int:
 def main() -> int:
     torch.set_num_threads(1)
     pairs = []
-    for ref in sorted(glob.glob(os.path.join(RESULTS, "ioi_eap-ig_same_as_*.json"))):
-        name = os.path.basename(ref)[len("ioi_eap-ig_same_as_"):-len(".json")]
+    for ref in sorted(glob.glob(os.path.join(RESULTS, "ioi_eap-ig_same_as_*.json.gz"))):
+        name = os.path.basename(ref)[len("ioi_eap-ig_same_as_"):-len(".json.gz")]
         if name.startswith("ep"):
-            pairs.append((name, tep.Circuit.from_json(os.path.join(RESULTS, f"ioi_{name}.json")), tep.Circuit.from_json(ref)))
+            pairs.append((name, tep.Circuit.load(os.path.join(RESULTS, f"ioi_{name}.json.gz")), tep.Circuit.load(ref)))
     if not pairs:
         print(f"no committed Edge Pruning / EAP-IG circuit pairs under {RESULTS}")
         return 1

@@ -295,6 +295,7 @@ def test_d10_a_circuit_is_matched_to_its_model_by_fingerprint(tmp_path):
         for p in other.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(0), dtype=p.dtype))
     for loaded in (circuit, tep.Circuit.from_json(_saved(circuit, tmp_path / "c.json")),
+                   tep.Circuit.load(_saved(circuit, tmp_path / "c.json.gz")),
                    tep.Circuit.load(_saved(circuit, tmp_path / "c.pt"))):
         assert loaded.model == circuit.model and len(circuit.model["weights_sha256"]) == 64
         loaded.evaluate(task.model, data, ablation="zero")  # its own model: fine

@@ -10,6 +10,7 @@ TransformerLens's own loaders (HookedTransformer where it exists, else a Transfo
 from __future__ import annotations
 
 import importlib.util
+import os
 import tempfile
 
 import torch
@@ -47,7 +48,8 @@ def load_smollm2(dtype: torch.dtype = torch.float32):
     from transformer_lens import HookedTransformer
     from transformer_lens import loading_from_pretrained as loading
 
-    with tempfile.TemporaryDirectory() as local:
+    with tempfile.TemporaryDirectory() as tmp:
+        local = os.path.join(tmp, "SmolLM2-135M-Instruct")  # TL names the model after the folder: keep it stable
         hf.config.architectures = ["LlamaForCausalLM"]
         hf.config.save_pretrained(local)
         cfg = loading.get_pretrained_model_config(local, dtype=dtype, default_prepend_bos=False)

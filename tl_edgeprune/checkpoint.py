@@ -43,7 +43,7 @@ def run_identity(cfg: Any, graph: Any, model: Any, data: Any, objective: Any, ab
     return {
         "settings": cfg.fingerprint(),
         "graph": {**asdict(graph.spec), "input_nodes": graph.input_nodes},
-        "model": model_fingerprint(model),
+        "model": {k: v for k, v in model_fingerprint(model).items() if k != "name"},  # a name may be a temp folder's
         "data": {"examples": len(data), "sha256": data_digest(data)},
         "objective": describe_callable(objective),
         "ablation": describe_ablation(ablation),

@@ -23,7 +23,7 @@ from .data import PairedData, as_data
 from .engine import MaskedModel
 from .errors import EdgePruneError
 from .example_cache import ExampleCache
-from .fingerprint import tensor_digest
+from .fingerprint import model_fingerprint, tensor_digest
 from .graph import Graph, GraphSpec, InputNodes
 from .hard_concrete import HardConcrete
 from .metrics import OBJECTIVES, Objective, resolve_objective
@@ -399,7 +399,7 @@ def edge_pruning(
             config=cfg,
             seconds=time.perf_counter() - t0,
             info={"example_cache": per_example.describe()},
-            model=identity["model"],
+            model=model_fingerprint(model),
         )
 
 

@@ -18,7 +18,8 @@ from tl_edgeprune.acdc import acdc
 from .conftest import HAS_HOOKED, make_model, needs_hooked, small_problem
 from .models import hooked_model
 
-FIXTURE = pathlib.Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "eapig_neox_top60.json"
+# Written by EAP-IG's own Graph.to_json (copied unmodified from ../shared/fixtures; its README says how).
+FIXTURE = pathlib.Path(__file__).resolve().parent / "fixtures" / "eapig_neox_top60.json"
 FAST = dict(steps=12, sparsity_warmup=6, lr_warmup=2, batch_size=8, progress=False)
 
 

@@ -98,9 +98,8 @@ class MaskedModel:
         self._pool = BufferPool()
         self._thread: int | None = None  # the thread that entered: hooks refuse forwards from any other
         self._hook_points: list[Any] = []
-        self._hooks_expected = 0  # forward hooks on the model's hook points while this context is active
         self._user_hooks: list[str] = []  # hook points that carried hooks of the user's when the context began
-        self._hooks_at_enter: dict[str, int] = {}
+        self._hooks_at_enter: dict[str, int] = {}  # forward hooks per hook point while this context is active
         self._writer_points: set[str] = set()  # hook points (canonical names) where writer outputs are read
         self._plan_mixing()
         self._expected_firings = self._expected_hook_keys()
@@ -129,7 +128,6 @@ class MaskedModel:
             stack.callback(self.adapter.restore_flags, flags)  # runs last, after the hooks are gone
             self._enable_flags()
             stack.enter_context(self.adapter.hooks(self._hook_list()))
-            self._hooks_expected = self._count_hooks()
             self._hooks_at_enter = {name: _forward_hooks(hp) for name, hp in self._hook_points}
             hook_dict = self.model.hook_dict
             writer_modules = {id(hook_dict[self._writer_hook_name(c)]) for c in self.graph.writer_chunks}
@@ -163,7 +161,7 @@ class MaskedModel:
         """A hook added at a writer's hook point after the engine's runs after it: the residual stream would get
         that hook's output while the masks mix the output the engine saw (stale). Hooks elsewhere, and hooks that
         were there before the context began (the attach-time identity check covers them), are fine."""
-        if self._count_hooks() == self._hooks_expected:
+        if self._count_hooks() == sum(self._hooks_at_enter.values()):
             return
         now = {name: _forward_hooks(hp) for name, hp in self._hook_points}
         removed = [name for name, hp in self._hook_points if now[name] < self._hooks_at_enter[name]]
@@ -190,11 +188,9 @@ class MaskedModel:
         try:
             with self.adapter.hooks(fwd_hooks):
                 self._hooks_at_enter = {name: _forward_hooks(hp) for name, hp in self._hook_points}
-                self._hooks_expected = self._count_hooks()
                 yield
         finally:
             self._hooks_at_enter = before
-            self._hooks_expected = self._count_hooks()
 
     def _check_thread(self) -> None:
         if threading.get_ident() != self._thread:

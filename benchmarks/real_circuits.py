@@ -52,7 +52,8 @@ def judged(model, circuits: dict[str, tep.Circuit], held_out, batch: int) -> dic
     for name, m in zip(names, results):
         span = m["full_logit_diff"] - empty_ld
         out[name] = {"edges": m["edges"], "sparsity": m["sparsity"], "kl": m["kl"], "accuracy": m["accuracy"],
-                     "logit_diff": m["logit_diff"], "faithfulness": (m["logit_diff"] - empty_ld) / span}
+                     "logit_diff": m["logit_diff"], "faithfulness": (m["logit_diff"] - empty_ld) / span,
+                     "full_accuracy": m["full_accuracy"], "full_logit_diff": m["full_logit_diff"]}
     return out
 
 
@@ -95,6 +96,7 @@ def main(argv=None) -> None:
     p.add_argument("--warmup-fraction", type=float, default=0.8, help="sparsity warm-up as a fraction of --steps")
     p.add_argument("--hap-keep", type=float, default=0.15)
     p.add_argument("--ig-steps", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0, help="the run's seed (hard-concrete noise and batch order)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--evaluate", action="store_true", help="also judge every circuit earlier runs left in --out")
     p.add_argument("--tag", default="", help="suffix of the circuit files and summary (A/B runs)")
@@ -138,7 +140,7 @@ def main(argv=None) -> None:
         if args.init_from not in methods:
             del scores[args.init_from]  # a training input here, not a method to compare against
     options = dict(steps=args.steps, sparsity_warmup=int(args.warmup_fraction * args.steps), lr_warmup=min(200, args.steps // 10),
-                   lr=args.lr, lambda_lr=args.lambda_lr or args.lr, batch_size=args.batch, init_log_alpha=init, progress=False,
+                   lr=args.lr, lambda_lr=args.lambda_lr or args.lr, batch_size=args.batch, init_log_alpha=init, seed=args.seed, progress=False,
                    callback=report)
     for target in [float(t) for t in args.targets.split(",") if t]:
         runs = []
@@ -204,22 +206,28 @@ def main(argv=None) -> None:
         f.write(table(rows, summary))
 
 
+def _cell(row: dict):
+    """A formatter of one row's optional cells ("–" where the row has no such value)."""
+    return lambda key, fmt="{:.3f}": fmt.format(row[key]) if key in row else "–"
+
+
 def table(rows: list[dict], summary: dict) -> str:
     """The learned circuits and EAP / EAP-IG at the same sizes, as a markdown table."""
     lines = [f"SmolLM2-135M-Instruct, {summary['task']}, {summary['n'] - summary['train']} held-out examples, "
-             f"{summary['machine']}, {summary['threads']} torch thread(s), torch {summary['torch']}.", "",
+             f"{summary['machine']}, {summary['threads']} torch thread(s), torch {summary['torch']}. The full model: "
+             f"accuracy {rows[0]['full_accuracy']:.3f}, logit difference {rows[0]['full_logit_diff']:.2f}.", "",
              "| circuit | edges | sparsity | held-out KL | EAP KL, same edges | EAP-IG KL, same edges | LD faithfulness "
              "| accuracy | train time |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in sorted(rows, key=lambda r: (r["family"], r["edges"])):
         if "@" in r["method"] or r["method"] == "(empty)":
             continue
-        def f(key, fmt="{:.3f}"):
-            return fmt.format(r[key]) if key in r else "–"
+        f = _cell(r)
         lines.append(f"| {r['method']} | {r['edges']:,} | {r['sparsity']:.4f} | {r['kl']:.3f} | {f('eap_kl_same_edges')} "
                      f"| {f('eap-ig_kl_same_edges')} | {r['faithfulness']:.3f} | {r['accuracy']:.3f} "
                      f"| {f('seconds', '{:.0f} s')} |")
     for r in sorted(rows, key=lambda r: (r["family"], r["edges"])):
         if r["method"].startswith(("eap@", "eap-ig@")) and abs(r["sparsity"] - 0.966) < 5e-4:
+            f = _cell(r)
             lines.append(f"| {r['method']} (top 3.4 %) | {r['edges']:,} | {r['sparsity']:.4f} | {r['kl']:.3f} | | "
                          f"| {r['faithfulness']:.3f} | {r['accuracy']:.3f} | {f('seconds', '{:.0f} s')} |")
     return "\n".join(lines) + "\n"

@@ -11,6 +11,8 @@ import pytest
 import torch
 
 import tl_edgeprune as tep
+from tl_edgeprune.edge_pruning import DEFAULT_CHECKPOINT_EVERY
+from tl_edgeprune.metrics import OBJECTIVES
 from tl_edgeprune.adapter import ModelAdapter
 from tl_edgeprune.eap import eap
 from tl_edgeprune.acdc import acdc
@@ -28,7 +30,7 @@ def sqrt_at_zero_objective(trigger_step: int):
     calls = {"n": 0}
 
     def objective(circuit_logits, full_logits, batch):
-        kl = tep.edge_pruning.__globals__["OBJECTIVES"]["kl"](circuit_logits, full_logits, batch)
+        kl = OBJECTIVES["kl"](circuit_logits, full_logits, batch)
         step, calls["n"] = calls["n"], calls["n"] + 1
         if step == trigger_step:
             return kl + (circuit_logits[..., 0] * 0).abs().sqrt().sum()
@@ -84,7 +86,7 @@ def test_d02_checkpoint_path_alone_writes_periodically_and_at_the_end(tmp_path):
     path2 = str(tmp_path / "ck2.pt")
     with pytest.raises(KeyboardInterrupt):
         tep.edge_pruning(model, data, 0.5, checkpoint_path=path2, callback=stop, **(FAST | dict(steps=80)))
-    assert torch.load(path2, weights_only=True)["step"] == tep.edge_pruning.__globals__["DEFAULT_CHECKPOINT_EVERY"]
+    assert torch.load(path2, weights_only=True)["step"] == DEFAULT_CHECKPOINT_EVERY
 
 
 @pytest.fixture

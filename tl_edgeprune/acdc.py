@@ -24,8 +24,11 @@ from . import validation
 from .fingerprint import model_fingerprint
 from .graph import InputNodes
 from .metrics import Objective, resolve_objective
+from .options import checked_options
+from .threads import torch_threads
 
 
+@checked_options()
 def acdc(
     model: Any,
     data: PairedData,
@@ -37,15 +40,20 @@ def acdc(
     input_nodes: InputNodes = "separate",
     mean_reference: torch.Tensor | None = None,
     progress: bool = True,
+    threads: int | None = None,
 ) -> Circuit:
-    """The ACDC circuit at threshold τ; ``circuit.scores`` holds each edge's metric change when tried."""
+    """The ACDC circuit at threshold τ; ``circuit.scores`` holds each edge's metric change when tried.
+
+    ``threads``: torch threads for the run (default: 1 for a small CPU model, else torch's setting; threads.py).
+    """
     validation.real("threshold", threshold, low=0.0, hint=" (τ: an edge is dropped when removing it changes the metric "
                     "by less than τ; NaN would keep every edge)")
     validation.integer("batch_size", batch_size, minimum=1)
     data = as_data(data)
     objective = resolve_objective(metric)
     t0 = time.perf_counter()
-    with torch.no_grad(), frozen_parameters(model), MaskedModel(model, input_nodes=input_nodes) as mm:
+    with torch.no_grad(), torch_threads(model, threads), frozen_parameters(model), \
+            MaskedModel(model, input_nodes=input_nodes) as mm:
         mm.check_data(data)
         graph = mm.graph
         source = counterfactual_source(mm, ablation, data, mean_reference)

@@ -24,6 +24,8 @@ from .errors import EdgePruneError
 from .fingerprint import model_fingerprint
 from .graph import Graph, InputNodes
 from .metrics import _last_scored
+from .options import checked_options
+from .threads import torch_threads
 
 Metric = Callable[[torch.Tensor, PairedData], torch.Tensor]
 
@@ -70,6 +72,7 @@ class EdgeScores:
         return circuit
 
 
+@checked_options()
 def eap(
     model: Any,
     data: PairedData,
@@ -81,8 +84,12 @@ def eap(
     input_nodes: InputNodes = "separate",
     mean_reference: torch.Tensor | None = None,
     progress: bool = True,
+    threads: int | None = None,
 ) -> EdgeScores:
-    """EAP scores for every edge (``ig_steps=m`` gives EAP-IG with m interpolation steps)."""
+    """EAP scores for every edge (``ig_steps=m`` gives EAP-IG with m interpolation steps).
+
+    ``threads``: torch threads for the run (default: 1 for a small CPU model, else torch's setting; threads.py).
+    """
     data = as_data(data)
     if ig_steps is not None:
         validation.integer("ig_steps", ig_steps, minimum=1)
@@ -91,7 +98,7 @@ def eap(
     if not callable(metric_fn):
         raise EdgePruneError(f"metric must be 'default' or a callable (logits, batch) -> scalar, got {metric!r}")
     t0 = time.perf_counter()
-    with frozen_parameters(model), MaskedModel(model, input_nodes=input_nodes) as mm:
+    with torch_threads(model, threads), frozen_parameters(model), MaskedModel(model, input_nodes=input_nodes) as mm:
         mm.check_data(data)
         graph = mm.graph
         total = torch.zeros(graph.shape, dtype=torch.float64)

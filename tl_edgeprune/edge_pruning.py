@@ -9,7 +9,9 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from dataclasses import dataclass, field
+import inspect
+import warnings
+from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Union
 
 import torch
@@ -27,43 +29,50 @@ from .fingerprint import model_fingerprint, tensor_digest
 from .graph import Graph, GraphSpec, InputNodes
 from .hard_concrete import HardConcrete
 from .metrics import OBJECTIVES, Objective, resolve_objective
+from .options import checked_options
+from .threads import torch_threads
 
 
 @dataclass
 class EdgePruningConfig:
-    """Defaults are the reference's GPT-2 settings (see docs/method.md for the mapping)."""
+    """Every setting of a run (documented on ``edge_pruning``); defaults are the reference's GPT-2 settings."""
 
     target_sparsity: float = 0.95
-    start_sparsity: float = 0.0  # the target rises linearly from here (HAP starts at its preselection's sparsity)
+    start_sparsity: float = 0.0
     steps: int = 3000
-    sparsity_warmup: int = 2500
-    lr: float = 0.8  # log α of edges and nodes
+    sparsity_warmup: int | None = None  # None: 5/6 of steps (the reference's 2,500 of 3,000)
+    lr: float = 0.8
     lambda_lr: float = 0.8
-    lr_warmup: int = 200
-    # Where log α starts (N(init_log_alpha, 0.01)). The reference's 10 keeps every gate clamped at 1 until log α has
-    # come down by ~2: with Adam moving it ≤ lr a step, nothing prunes for the first tens of steps. A [writer, reader]
-    # tensor sets each edge's start (e.g. hap.attribution_init(scores): high for EAP's top edges, low elsewhere).
+    lr_warmup: int | None = None  # None: 1/15 of steps (the reference's 200 of 3,000)
     init_log_alpha: float | torch.Tensor = 10.0
     batch_size: int = 32
-    grad_clip: float | None = 1.0  # max gradient norm; None turns clipping off (0 would freeze every mask)
+    grad_clip: float | None = 1.0
     node_masks: bool = True
-    # "expected": 1 − Σ P(z>0)/N (Louizos et al.'s L0 expectation, smooth in log α). "sampled": 1 − Σz/N from the
-    # sampled gates, as the reference code does; at log α ≈ 10 the clamp saturates and its gradient is 0 unless
-    # u < 2.2e-4, and on Tracr reverse it never left sparsity 0 in 6000 steps here (docs/method.md).
     sparsity_from: str = "expected"
     objective: Union[str, Objective] = "kl"
     ablation: Ablation = "interchange"
     seed: int = 0
     input_nodes: InputNodes = "separate"
     checkpoint_path: str | None = None
-    # With a checkpoint_path, the state is written every this many steps (default DEFAULT_CHECKPOINT_EVERY) and
-    # at the end, so a killed run always has something to resume from.
     checkpoint_every: int | None = None
     progress: bool = True
-    # Keep every example's ỹ and full-model logits (at its scored positions, for the built-in objectives) after its
-    # first epoch if the whole dataset's take at most this many GiB (on the model's device); later epochs then skip
-    # both no-gradient forwards. 0 recomputes every step.
     cache_gib: float = 2.0
+
+    def __post_init__(self) -> None:
+        # The warm-ups scale with the run, so a short run still reaches its target (the reference's 2,500-step ramp
+        # on a 5-step run would return every edge). Integers only: a bad steps value is reported by validate().
+        if isinstance(self.steps, int) and not isinstance(self.steps, bool):
+            if self.sparsity_warmup is None:  # the ramp ends by the last step (index steps − 1)
+                self.sparsity_warmup = min(round(self.steps * 5 / 6), max(self.steps - 1, 0))
+            if self.lr_warmup is None:
+                self.lr_warmup = round(self.steps / 15)
+
+    def final_ramp(self) -> float:
+        """How far the target has ramped at the last step (below 1 when the warm-up outlasts the run)."""
+        return min(1.0, (self.steps - 1) / self.sparsity_warmup) if self.sparsity_warmup else 1.0
+
+    def final_target(self) -> float:
+        return self.start_sparsity + (self.target_sparsity - self.start_sparsity) * self.final_ramp()
 
     def validate(self) -> None:
         """Every setting's type and range: NaN rates, a clip of 0 or a float step count fail here, not mid-run."""
@@ -172,6 +181,14 @@ class EdgePruningResult:
                 **self.info}
 
 
+CONFIG_FIELDS = tuple(f.name for f in fields(EdgePruningConfig))
+
+
+def _is_default(name: str, value: Any) -> bool:
+    default = inspect.signature(edge_pruning).parameters[name].default
+    return not isinstance(value, torch.Tensor) and type(value) is type(default) and value == default
+
+
 def _data_parallel() -> tuple[int, int]:
     """(rank, world size) when torch.distributed is initialised (e.g. under torchrun), else (0, 1)."""
     dist = torch.distributed
@@ -232,27 +249,92 @@ class StepBatches:
         return self.data.shards[shard].select(rows), shard, rows
 
 
+@checked_options()
 def edge_pruning(
     model: Any,
     data: PairedData,
     target_sparsity: float = 0.95,
     *,
+    steps: int = 3000,
+    sparsity_warmup: int | None = None,
+    lr: float = 0.8,
+    lambda_lr: float = 0.8,
+    lr_warmup: int | None = None,
+    batch_size: int = 32,
+    init_log_alpha: float | torch.Tensor = 10.0,
+    start_sparsity: float = 0.0,
+    objective: Union[str, Objective] = "kl",
+    ablation: Ablation = "interchange",
+    input_nodes: InputNodes = "separate",
+    node_masks: bool = True,
+    sparsity_from: str = "expected",
+    grad_clip: float | None = 1.0,
+    seed: int = 0,
+    checkpoint_path: str | None = None,
+    checkpoint_every: int | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    cache_gib: float = 2.0,
     trainable_edges: torch.Tensor | None = None,
     mean_reference: torch.Tensor | None = None,
-    resume: bool = False,
     callback: Callable[[int, dict], None] | None = None,
-    **options: Any,
+    config: EdgePruningConfig | None = None,
+    threads: int | None = None,
 ) -> EdgePruningResult:
     """Train Edge Pruning masks on ``data`` and return them; ``.circuit()`` reads out the binary circuit.
 
-    ``trainable_edges`` ([writer, reader] bool) restricts learning to those edges, the rest fixed at 0 (HAP).
-    With ``checkpoint_path`` the state is saved periodically and at the end; ``resume=True`` continues a run
-    bit for bit, and refuses a checkpoint made with other settings, model, data, objective or ablation.
+    Defaults are the paper's GPT-2 settings, except the expected-L0 sparsity (docs/method.md says why);
+    ``config=EdgePruningConfig.reference()`` is the paper's exactly.
+
+    target_sparsity: fraction of edges to remove; the target ramps to it from ``start_sparsity`` over
+        ``sparsity_warmup`` steps. Values above 1 push harder (the Tracr settings use 1.02).
+    steps: optimisation steps, one batch and one mask sample each.
+    sparsity_warmup: steps of the linear target ramp (default 5/6 of ``steps``).
+    lr, lambda_lr: AdamW learning rates of log α (edges and nodes) and of the Lagrange multipliers.
+    lr_warmup: steps of linear learning-rate warm-up (default 1/15 of ``steps``), then constant.
+    batch_size: examples per step.
+    init_log_alpha: where log α starts, N(init, 0.01). The reference's 10 keeps every gate at 1 for the first tens
+        of steps; a [n_writers, n_readers] tensor sets each edge (``hap.attribution_init(scores)``: start at
+        EAP's circuit, the fast route on real models, docs/results.md).
+    start_sparsity: where the target ramp starts (HAP and attribution starts: the starting circuit's sparsity).
+    objective: "kl" (to the full model, at the scored positions), "mse", "logit_diff", or a function
+        (circuit_logits, full_logits, batch) -> scalar to minimise.
+    ablation: what a removed edge carries: "interchange" (corrupted run), "zero" or "mean".
+    input_nodes: "separate" (tok and pos writers) or "merged" (one input node, as EAP-IG's graphs).
+    node_masks: also learn one gate per writer node (the reference does).
+    sparsity_from: "expected" (Σ P(z>0), smooth in log α) or "sampled" (the reference's Σz).
+    grad_clip: max gradient norm, None for none.
+    seed: hard-concrete noise and batch order; the same seed gives the same run.
+    checkpoint_path, checkpoint_every: write the run's state there every ``checkpoint_every`` steps (default
+        50) and at the end; ``resume=True`` continues it bit for bit and refuses a checkpoint of another run.
+    progress: a progress bar with the circuit's sparsity, the loss and the time per step.
+    cache_gib: keep each example's ỹ and full logits after the first epoch if they fit in this many GiB.
+    trainable_edges: [writer, reader] bool; only these edges are learned, the rest fixed at 0 (HAP).
+    mean_reference: the data whose mean activations "mean" ablation uses (default: ``data``'s corrupted side).
+    callback: called as callback(step, row) after each step, row holding that step's history entries.
+    config: a whole EdgePruningConfig instead of the settings above (e.g. ``EdgePruningConfig.reference()``).
+    threads: torch threads for the run (default: 1 for a small CPU model, else torch's setting; threads.py).
+
     A step whose loss or gradients are not finite stops the run before any update; its state is saved beside
     the checkpoint (or in a fresh temporary folder), never over it.
     """
-    cfg = EdgePruningConfig(target_sparsity=target_sparsity, **options)
+    settings = {name: value for name, value in locals().items() if name in CONFIG_FIELDS}
+    if config is None:
+        cfg = EdgePruningConfig(**settings)
+    elif not isinstance(config, EdgePruningConfig):
+        raise EdgePruneError(f"config must be an EdgePruningConfig, got {type(config).__name__}")
+    else:
+        given = [k for k, v in settings.items() if not _is_default(k, v)]
+        if given:
+            raise EdgePruneError(f"pass either config= or settings, not both (also given: {', '.join(given)}); "
+                                 f"put them in the config, e.g. EdgePruningConfig.reference({given[0]}=...)")
+        cfg = config
     cfg.validate()
+    if cfg.final_ramp() < 0.99:
+        warnings.warn(f"sparsity_warmup={cfg.sparsity_warmup} is longer than steps={cfg.steps}: by the last step the "
+                      f"target has only reached {cfg.final_target():.3f}, not target_sparsity={cfg.target_sparsity:g}, so the circuit will keep "
+                      f"more edges than asked. Leave sparsity_warmup unset (5/6 of steps) or raise steps.",
+                      UserWarning, stacklevel=3)
     if not isinstance(resume, bool):
         raise EdgePruneError(f"resume must be True or False, got {resume!r}")
     if callback is not None and not callable(callback):
@@ -263,7 +345,8 @@ def edge_pruning(
         raise EdgePruneError("resume=True needs the checkpoint_path of the run to continue")
     t0 = time.perf_counter()
     rank, world = _data_parallel()
-    with frozen_parameters(model), MaskedModel(model, input_nodes=cfg.input_nodes) as mm:
+    with torch_threads(model, threads) as n_threads, frozen_parameters(model), \
+            MaskedModel(model, input_nodes=cfg.input_nodes) as mm:
         mm.check_data(data)
         graph, device = mm.graph, mm.device
         valid = graph.valid_mask()
@@ -385,8 +468,9 @@ def edge_pruning(
             if callback is not None:
                 callback(step, row)
             if step % 10 == 0 or step == cfg.steps - 1:
-                bar.set_postfix(obj=f"{row['objective']:.4f}", circuit=f"{row['circuit_sparsity']:.3f}", t=f"{target:.3f}",
-                                l1=f"{row['lambda1']:.2f}")
+                # in words: the objective on this batch, the read-out circuit's sparsity, and the ramp's target now
+                bar.set_postfix({"objective": f"{row['objective']:.4f}", "circuit sparsity": f"{row['circuit_sparsity']:.3f}",
+                                 "target": f"{target:.3f}"})
             if interval and ((step + 1) % interval == 0 or step + 1 == cfg.steps):
                 save(step + 1, cfg.checkpoint_path, gen.get_state())
         bar.close()
@@ -398,7 +482,7 @@ def edge_pruning(
             history=history,
             config=cfg,
             seconds=time.perf_counter() - t0,
-            info={"example_cache": per_example.describe()},
+            info={"example_cache": per_example.describe(), "threads": n_threads},
             model=model_fingerprint(model),
         )
 

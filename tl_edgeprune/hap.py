@@ -11,6 +11,7 @@ from .data import PairedData
 from .eap import EdgeScores, eap
 from .edge_pruning import EdgePruningResult, edge_pruning
 from .errors import EdgePruneError
+from .options import checked_options
 
 
 def attribution_init(scores: EdgeScores, keep: float = 0.05, high: float = 3.0, low: float = -3.0) -> torch.Tensor:
@@ -22,6 +23,7 @@ def attribution_init(scores: EdgeScores, keep: float = 0.05, high: float = 3.0, 
     return torch.where(top, torch.tensor(high), torch.tensor(low)).float()
 
 
+@checked_options(edge_pruning)
 def hap(
     model: Any,
     data: PairedData,
@@ -36,7 +38,7 @@ def hap(
     The result's ``info`` holds the EAP and Edge Pruning times separately.
     """
     eap_options = dict(eap_options or {})
-    for shared in ("ablation", "input_nodes", "batch_size"):
+    for shared in ("ablation", "input_nodes", "batch_size", "threads"):
         if shared in edge_pruning_options and shared not in eap_options:
             eap_options[shared] = edge_pruning_options[shared]
     eap_options.setdefault("progress", edge_pruning_options.get("progress", True))

@@ -8,18 +8,37 @@ from .models import HOOKED_ARCHS, bridge_model, hooked_model
 HAS_HOOKED = hooked_transformer_class() is not None
 HAS_BRIDGE = transformer_bridge_class() is not None
 
-# HookedTransformer exists in transformer-lens 2.x/3.x only; CI runs the suite under 3.x and 4.x,
-# so every architecture below is exercised in one of the two runs (see .ci/run).
+# HookedTransformer exists in transformer-lens 2.x/3.x only. Under 4.x every test written for a HookedTransformer
+# architecture runs on its TransformerBridge twin (a random `transformers` model of the same architecture, booted
+# offline), so the default install tests everything a bridge can run. These have no bridge twin:
+NO_BRIDGE_TWIN = {
+    "attn_only": "no transformers architecture is attention-only",
+    "alibi": "TL's bridge of the transformers ALiBi model (Bloom) never fires hook_mlp_in, so its MLP inputs cannot be masked",
+    "shortformer": "no transformers architecture adds positions to queries and keys only (shortformer)",
+}
 needs_hooked = pytest.mark.skipif(not HAS_HOOKED, reason="HookedTransformer was removed in transformer-lens 4")
 
-MODEL_IDS = [f"hooked-{a}" for a in HOOKED_ARCHS] + ["bridge-gpt2", "bridge-llama"]
+
+def model_ids(hooked=(), bridges=()) -> list[str]:
+    """Parametrize ids: each hooked architecture (its bridge twin where TL has no HookedTransformer), then the
+    bridges, without running one model twice."""
+    out = []
+    for arch in hooked:
+        out.append(f"hooked-{arch}" if HAS_HOOKED or arch in NO_BRIDGE_TWIN else f"bridge-{arch}")
+    return out + [f"bridge-{arch}" for arch in bridges if f"bridge-{arch}" not in out]
+
+
+MODEL_IDS = model_ids(HOOKED_ARCHS, ("gpt2", "neox", "llama"))
+DEFAULT_ID = model_ids(["gpt2"])[0]  # the GPT-2-shaped model of the tests that need just one
 
 
 def make_model(model_id: str, dtype=torch.float32):
     family, arch = model_id.split("-", 1)
     if family == "hooked":
         if not HAS_HOOKED:
-            pytest.skip("HookedTransformer was removed in transformer-lens 4 (tested in the 3.x CI venv)")
+            if arch in NO_BRIDGE_TWIN:
+                pytest.skip(f"HookedTransformer was removed in transformer-lens 4 and {NO_BRIDGE_TWIN[arch]}")
+            return bridge_model(arch).to(dtype)
         return hooked_model(arch, dtype=dtype)
     return bridge_model(arch).to(dtype)
 
@@ -29,7 +48,7 @@ def small_problem(n=24, seq=6, seed=0):
     position: the problem the training-loop tests share."""
     import tl_edgeprune as tep
 
-    model = make_model("hooked-gpt2" if HAS_HOOKED else "bridge-gpt2")
+    model = make_model(DEFAULT_ID)
     gen = torch.Generator().manual_seed(seed)
     clean = torch.randint(0, 39, (n, seq), generator=gen)
     corrupted = torch.randint(0, 39, (n, seq), generator=gen)

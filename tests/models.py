@@ -74,18 +74,23 @@ def word_tokenizer(vocab_size: int = D_VOCAB):
     return PreTrainedTokenizerFast.from_pretrained(folder)
 
 
-def bridge_model(arch: str = "gpt2", seed: int = 0):
+def bridge_model(arch: str = "gpt2", seed: int = 0, n_layers: int = 2):
     """A TransformerBridge booted offline from a randomly initialised local `transformers` model."""
     TransformerBridge = transformer_bridge_class()
     import transformers
 
     torch.manual_seed(seed)
     if arch == "gpt2":
-        cfg = transformers.GPT2Config(n_layer=2, n_head=4, n_embd=32, vocab_size=D_VOCAB, n_positions=N_CTX)
+        cfg = transformers.GPT2Config(n_layer=n_layers, n_head=4, n_embd=32, vocab_size=D_VOCAB, n_positions=N_CTX)
         hf, name = transformers.GPT2LMHeadModel(cfg), "openai-community/gpt2"
+    elif arch == "neox":  # Pythia-style: rotary on half of each head, parallel attention and MLP
+        cfg = transformers.GPTNeoXConfig(num_hidden_layers=n_layers, num_attention_heads=4, hidden_size=32, intermediate_size=64,
+                                         vocab_size=D_VOCAB, max_position_embeddings=N_CTX, rotary_pct=0.5,
+                                         use_parallel_residual=True)
+        hf, name = transformers.GPTNeoXForCausalLM(cfg), "EleutherAI/pythia-70m"
     elif arch == "llama":
         cfg = transformers.LlamaConfig(
-            num_hidden_layers=2,
+            num_hidden_layers=n_layers,
             num_attention_heads=4,
             num_key_value_heads=2,
             hidden_size=32,

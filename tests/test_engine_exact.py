@@ -10,7 +10,7 @@ import tl_edgeprune as tep
 from tl_edgeprune.adapter import ModelAdapter
 from tl_edgeprune.tracr_models import load_tracr
 
-from .conftest import HAS_HOOKED, MODEL_IDS, make_model
+from .conftest import DEFAULT_ID, HAS_HOOKED, MODEL_IDS, make_model, model_ids
 from .reference import eap_scores, patch_one_edge, writer_cache_names, writer_output
 
 ATOL = 1e-5
@@ -55,7 +55,7 @@ def test_all_ones_gives_clean_logits_and_all_zeros_gives_corrupted(any_model, to
     torch.testing.assert_close(bool_zeros, zeros, atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("model_id", [m for m in MODEL_IDS if m.startswith("hooked")])
+@pytest.mark.parametrize("model_id", MODEL_IDS)
 def test_all_ones_is_bit_exact_on_hooked_transformer(model_id, tokens):
     """(1 − z) = 0 makes the mix an exact no-op: the masked forward equals TL's split-q/k/v forward bit for bit."""
     model = make_model(model_id)
@@ -122,7 +122,7 @@ def test_every_single_edge_matches_manual_patching(model_id, input_nodes, tokens
         torch.testing.assert_close(logits, expected, atol=ATOL, rtol=0, msg=lambda m: f"edge {name}: {m}")
 
 
-@pytest.mark.parametrize("model_id", ["hooked-gpt2", "hooked-llama", "bridge-gpt2"])
+@pytest.mark.parametrize("model_id", model_ids(["gpt2", "llama"], ["gpt2"]))
 @pytest.mark.parametrize("kind", ["mean", "zero"])
 def test_single_edges_under_mean_and_zero_ablation(model_id, kind, tokens):
     model = make_model(model_id)
@@ -162,7 +162,7 @@ def test_gradient_at_one_is_the_eap_formula(any_model, tokens, kind):
 
 
 def test_node_mask_equals_zeroing_all_out_edges(tokens):
-    model = make_model("hooked-gpt2" if tep.adapter.hooked_transformer_class() else "bridge-gpt2")
+    model = make_model(DEFAULT_ID)
     clean, corrupted = tokens
     with tep.masked(model) as mm:
         cf = mm.interchange(corrupted)
@@ -181,7 +181,7 @@ def test_node_mask_equals_zeroing_all_out_edges(tokens):
 
 def test_fractional_masks_mix_linearly(tokens):
     """z = 0.3 on every edge into the final reader gives 0.3·y + 0.7·ỹ there (a hook added after ours sees it)."""
-    model = make_model("hooked-gpt2" if tep.adapter.hooked_transformer_class() else "bridge-gpt2")
+    model = make_model(DEFAULT_ID)
     clean, corrupted = tokens
     last = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
     seen = {}
@@ -197,7 +197,7 @@ def test_fractional_masks_mix_linearly(tokens):
     assert (seen[1.0] - seen[0.0]).abs().max() > 1e-2
 
 
-@pytest.mark.parametrize("model_id", ["hooked-gpt2", "hooked-neox", "hooked-llama", "bridge-gpt2"])
+@pytest.mark.parametrize("model_id", model_ids(["gpt2", "neox", "llama"], ["gpt2"]))
 def test_gradient_at_fractional_masks_matches_finite_differences(model_id, tokens):
     """Away from z = 1 gradients also flow through y_j into upstream masks; check them in float64."""
     # float64 through the config: HookedTransformer.double() would still compute parts in cfg.dtype (float32).
@@ -228,7 +228,7 @@ def test_gradient_at_fractional_masks_matches_finite_differences(model_id, token
         assert z.grad[valid].abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("model_id", ["hooked-gpt2", "bridge-gpt2"])
+@pytest.mark.parametrize("model_id", model_ids(["gpt2"], ["gpt2"]))
 def test_bfloat16_models_run_in_their_own_dtype(model_id, tokens):
     """A bfloat16 model runs the engine in bfloat16 (masks and their gradients stay float32). Tolerance 5e-2 on
     O(1) logits: bfloat16 keeps 8 bits of mantissa, and the split-q/k/v path rounds differently from plain."""
@@ -288,7 +288,7 @@ def test_mixing_windows_do_not_change_results(model_id, tokens):
                                        atol=ATOL, rtol=0, msg=lambda m: f"edge {name}: {m}")
 
 
-@pytest.mark.parametrize("model_id", ["hooked-gpt2", "hooked-neox", "bridge-llama"])
+@pytest.mark.parametrize("model_id", model_ids(["gpt2", "neox"], ["llama"]))
 def test_mixing_windows_when_later_readers_get_no_gradient(model_id, tokens):
     """A loss taken inside the model (layer 0's attention output) sends gradients to layer 0's readers only: a
     window's later groups then run no backward, and their share of the window's gradient must count as zero."""
@@ -379,7 +379,7 @@ def test_logits_at_unembeds_only_the_scored_positions(model_id, tokens):
 
 
 def test_logits_at_must_be_a_bool_mask_of_the_tokens_shape(tokens):
-    model = make_model("hooked-gpt2" if HAS_HOOKED else "bridge-gpt2")
+    model = make_model(DEFAULT_ID)
     clean, corrupted = tokens
     with tep.masked(model) as mm:
         cf = mm.interchange(corrupted, single_use=True)

@@ -7,8 +7,8 @@ from torch import nn
 import tl_edgeprune as tep
 from tl_edgeprune.adapter import ModelAdapter
 
-from .conftest import HAS_HOOKED, make_model, needs_hooked
-from .models import hooked_model
+from .conftest import DEFAULT_ID, HAS_HOOKED, make_model, model_ids, needs_hooked
+from .models import bridge_model, hooked_model
 
 
 def snapshot(model, clean):
@@ -62,7 +62,7 @@ def test_model_is_restored_when_the_forward_itself_fails(any_model, tokens):
 
 
 def test_user_hooks_survive(tokens):
-    model = make_model("hooked-gpt2" if HAS_HOOKED else "bridge-gpt2")
+    model = make_model(DEFAULT_ID)
     clean, corrupted = tokens
     calls = []
     model.add_hook("blocks.0.hook_resid_pre", lambda x, hook: calls.append(1), is_permanent=True)
@@ -86,6 +86,25 @@ def test_post_attention_norm_config_is_refused_before_any_forward():
         tep.masked(HookedTransformer(cfg))
 
 
+def test_post_attention_norm_bridge_is_refused_before_a_wrong_circuit(tokens):
+    """The bridge twin of the refusal above: a Gemma-2 TransformerBridge (norm after attention) is caught by the
+    numerical additivity check at its first masked forward, naming the cause."""
+    import transformers
+    from transformer_lens.model_bridge import TransformerBridge
+
+    from .models import D_VOCAB, N_CTX, word_tokenizer
+
+    torch.manual_seed(0)
+    hf = transformers.Gemma2ForCausalLM(transformers.Gemma2Config(
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=32, intermediate_size=64,
+        head_dim=8, vocab_size=D_VOCAB, max_position_embeddings=N_CTX)).eval()
+    model = TransformerBridge.boot_transformers("google/gemma-2-2b", hf_model=hf, tokenizer=word_tokenizer())
+    clean, corrupted = tokens
+    with pytest.raises(tep.UnsupportedModelError, match="applies a norm to the attention/MLP output"):
+        with tep.masked(model) as mm:
+            mm(clean, mm.interchange(corrupted), mm.graph.ones())
+
+
 class _Rescale(torch.nn.Module):
     """Stands in for a norm after attention (Gemma-2 style): the attention output is rescaled in the model's code."""
 
@@ -99,7 +118,7 @@ class _Rescale(torch.nn.Module):
 
 def test_non_additive_outputs_are_detected_numerically(tokens):
     """A model whose attention output is rescaled before the residual add fails the attach-time identity check."""
-    model = make_model("hooked-gpt2" if HAS_HOOKED else "bridge-gpt2")
+    model = make_model(DEFAULT_ID)
     clean, _ = tokens
     block = model.blocks[0]
     if HAS_HOOKED:
@@ -116,15 +135,15 @@ def test_unsupported_model_types():
         tep.masked(nn.Linear(3, 3))
     with pytest.raises(tep.UnsupportedModelError, match="got str"):
         tep.masked("gpt2")
-    model = make_model("hooked-gpt2" if HAS_HOOKED else "bridge-gpt2")
+    model = make_model(DEFAULT_ID)
     with pytest.raises(tep.UnsupportedModelError, match=r"torch.compile.*_orig_mod"):
         tep.masked(torch.compile(model))  # wrapping only: dynamo compiles on the first call, which never comes
 
 
-@needs_hooked
 def test_graph_of_another_model_is_refused():
-    model = hooked_model("gpt2")
-    other = tep.Graph.from_model(hooked_model("gpt2", n_layers=3))
+    twin = hooked_model if HAS_HOOKED else bridge_model
+    model = twin("gpt2")
+    other = tep.Graph.from_model(twin("gpt2", n_layers=3))
     with pytest.raises(tep.EdgePruneError, match="Graph.from_model"):
         tep.masked(model, other)
 
@@ -133,7 +152,7 @@ def test_graph_of_another_model_is_refused():
 @pytest.fixture
 def active(tokens):
     """An active MaskedModel whose forward counts calls, to prove errors come before any forward."""
-    model = make_model("hooked-gpt2" if HAS_HOOKED else "bridge-gpt2")
+    model = make_model(DEFAULT_ID)
     with tep.masked(model) as mm:
         calls = []
         original = mm.adapter.forward
@@ -199,7 +218,7 @@ def test_mean_ablation_of_the_wrong_width(active):
 
 
 def test_use_outside_the_context_is_an_error(tokens):
-    model = make_model("hooked-gpt2" if HAS_HOOKED else "bridge-gpt2")
+    model = make_model(DEFAULT_ID)
     mm = tep.masked(model)
     with pytest.raises(tep.EdgePruneError, match="inside `with"):
         mm(tokens[0], mm.zero())
@@ -208,7 +227,7 @@ def test_use_outside_the_context_is_an_error(tokens):
 def test_buffer_storage_is_reused_only_once_its_graph_is_gone(tokens):
     """The pooled writer buffer: the next step reuses it after backward, but a live graph keeps its own copy,
     and its gradients stay right when another forward runs before its backward."""
-    model = make_model("hooked-gpt2" if HAS_HOOKED else "bridge-gpt2")
+    model = make_model(DEFAULT_ID)
     clean, corrupted = tokens
     with tep.masked(model) as mm:
         cf = mm.interchange(corrupted)
@@ -237,12 +256,10 @@ def test_buffer_storage_is_reused_only_once_its_graph_is_gone(tokens):
             out.backward()
 
 
-@pytest.mark.parametrize("model_id", ["hooked-gpt2", "hooked-llama", "bridge-gpt2"])
+@pytest.mark.parametrize("model_id", model_ids(["gpt2", "llama"], ["gpt2"]))
 def test_single_use_counterfactual_keeps_only_the_differences(model_id, tokens):
     """interchange(single_use=True): the masked forward writes y − ỹ over ỹ's storage (one writer-sized tensor,
     not two) with logits and mask gradients bit-identical to the reusable counterfactual; a second use fails."""
-    if model_id.startswith("hooked") and not HAS_HOOKED:
-        pytest.skip("this transformer-lens has no HookedTransformer")
     model = make_model(model_id)
     clean, corrupted = tokens
     with tep.masked(model) as mm:

@@ -10,12 +10,12 @@ from tl_edgeprune.hap import hap
 from tl_edgeprune.selection import faithfulness_curve, greedy
 from tl_edgeprune.tracr_models import CANONICAL_CIRCUITS, load_tracr
 
-from .conftest import HAS_HOOKED, make_model
+from .conftest import DEFAULT_ID, HAS_HOOKED, make_model
 from .reference import eap_scores, writer_cache_names, writer_output
 
 
 def tiny_task(n=12, seq=6):
-    model = make_model("hooked-gpt2" if HAS_HOOKED else "bridge-gpt2")
+    model = make_model(DEFAULT_ID)
     gen = torch.Generator().manual_seed(5)
     clean = torch.randint(0, 39, (n, seq), generator=gen)
     corrupted = torch.randint(0, 39, (n, seq), generator=gen)

@@ -136,5 +136,16 @@ def test_cli_run_on_a_local_transformers_folder_and_jsonl(tmp_path, capsys):
     assert (out / "report.html").exists() and (out / "edge_pruning_circuit.json").exists()
     report = (out / "report.html").read_text()
     assert "<h1>tl_edgeprune: model on data.jsonl</h1>" in report and "Tracr" not in report
-    with pytest.raises(tep.EdgePruneError, match="is not a folder"):
-        main(["run", "--model-dir", str(tmp_path / "nope"), "--jsonl", str(jsonl), "--no-progress"])
+    assert "canonical" not in printed.split("report:")[0]  # no ground truth here: no such column
+    assert main(["run", "--model-dir", str(tmp_path / "nope"), "--jsonl", str(jsonl), "--no-progress"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("tl-edgeprune: error: --model-dir") and "is not a folder" in error
+    assert "Traceback" not in error and error.count("\n") == 1  # one line, with the fix, no traceback
+
+
+def test_cli_table_shows_rounding_below_zero_as_zero():
+    from tl_edgeprune.cli import format_table
+
+    rows = [{"method": "eap", "edges": 3, "kl": -2.49e-7, "exact_match": 1.0, "seconds": 0.1, "canonical": None}]
+    table = format_table(rows, "kl")
+    assert "-" not in table.split("\n")[1] and "canonical" not in table

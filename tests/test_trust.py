@@ -17,7 +17,7 @@ from tl_edgeprune.adapter import ModelAdapter
 from tl_edgeprune.eap import eap
 from tl_edgeprune.acdc import acdc
 
-from .conftest import HAS_HOOKED, make_model, needs_hooked, small_problem
+from .conftest import DEFAULT_ID, HAS_HOOKED, make_model, needs_hooked, small_problem
 from .models import hooked_model
 
 # Written by EAP-IG's own Graph.to_json (copied unmodified from ../shared/fixtures; its README says how).
@@ -169,7 +169,7 @@ def test_d04_resume_mid_epoch_is_bit_identical_with_the_example_cache(tmp_path):
 
 # ------------------------------------------------------------------------------------------- silent wrong answers
 def test_d05_a_second_masked_model_on_one_model_is_refused_and_flags_come_back(tokens):
-    model = make_model("hooked-gpt2" if HAS_HOOKED else "bridge-gpt2")
+    model = make_model(DEFAULT_ID)
     clean, corrupted = tokens
     flags = ModelAdapter(model).flag_state()
     with tep.masked(model) as first:
@@ -186,7 +186,7 @@ def test_d05_a_second_masked_model_on_one_model_is_refused_and_flags_come_back(t
 
 
 def test_d05_a_forward_from_another_thread_is_refused_clearly(tokens):
-    model = make_model("hooked-gpt2" if HAS_HOOKED else "bridge-gpt2")
+    model = make_model(DEFAULT_ID)
     clean, corrupted = tokens
     reference = model(clean)
     errors, busy = [], threading.Event()
@@ -270,7 +270,7 @@ def test_d08_tokens_are_checked_for_the_whole_dataset_before_the_first_forward()
 
 
 def test_d09_mask_values_are_checked(tokens):
-    model = make_model("hooked-gpt2" if HAS_HOOKED else "bridge-gpt2")
+    model = make_model(DEFAULT_ID)
     clean, corrupted = tokens
     with tep.masked(model) as mm:
         cf = mm.interchange(corrupted)
@@ -345,7 +345,7 @@ def test_d11_one_corrupted_batch_is_never_silently_reused_or_mispaired():
 
 
 def test_d12_a_users_hook_is_named_not_blamed_on_the_architecture(tokens):
-    model = make_model("hooked-gpt2" if HAS_HOOKED else "bridge-gpt2")
+    model = make_model(DEFAULT_ID)
     clean, corrupted = tokens
     model.add_hook("blocks.1.hook_resid_pre", lambda x, hook: 2.0 * x, is_permanent=True)
     with pytest.raises(tep.EdgePruneError, match=r"hooks of its own at \['blocks\.1\.hook_(resid_pre|in)'\]") as info:
@@ -398,14 +398,27 @@ def test_d13_an_unmodified_eapig_file_loads_exactly_and_round_trips():
     assert all(type(e["in_graph"]) is bool and isinstance(e["score"], float) for e in written["edges"].values())
 
 
-@needs_hooked
 def test_d13_the_eapig_fixture_evaluates_on_its_model():
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    """EAP-IG's file (a 3-layer parallel-attention rotary model) evaluates on a model of that architecture: a
+    HookedTransformer where TL has one, else the transformers GPT-NeoX twin as a TransformerBridge."""
+    if HAS_HOOKED:
+        from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-    cfg = HookedTransformerConfig(n_layers=3, d_model=128, n_heads=4, d_head=32, d_mlp=512, act_fn="gelu",
-                                  normalization_type="LN", positional_embedding_type="rotary", rotary_dim=16,
-                                  parallel_attn_mlp=True, n_ctx=32, d_vocab=200, seed=0)
-    model = HookedTransformer(cfg)
+        cfg = HookedTransformerConfig(n_layers=3, d_model=128, n_heads=4, d_head=32, d_mlp=512, act_fn="gelu",
+                                      normalization_type="LN", positional_embedding_type="rotary", rotary_dim=16,
+                                      parallel_attn_mlp=True, n_ctx=32, d_vocab=200, seed=0)
+        model = HookedTransformer(cfg)
+    else:
+        import transformers
+        from transformer_lens.model_bridge import TransformerBridge
+
+        from .models import word_tokenizer
+
+        torch.manual_seed(0)
+        hf = transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(
+            num_hidden_layers=3, hidden_size=128, num_attention_heads=4, intermediate_size=512, rotary_pct=0.5,
+            use_parallel_residual=True, vocab_size=200, max_position_embeddings=32)).eval()
+        model = TransformerBridge.boot_transformers("EleutherAI/pythia-70m", hf_model=hf, tokenizer=word_tokenizer(200))
     circuit = tep.Circuit.from_json(FIXTURE)
     gen = torch.Generator().manual_seed(0)
     data = tep.paired_data(torch.randint(0, 200, (8, 10), generator=gen), torch.randint(0, 200, (8, 10), generator=gen))
@@ -479,7 +492,7 @@ def test_d14_loading_never_runs_code_from_the_file(tmp_path):
 def test_d15_exactness_is_claimed_for_float32_and_low_precision_is_documented(tokens):
     """bf16: the masked forward still equals TL's split-q/k/v forward bit for bit, but TL's split path differs from
     its plain forward there; the README says so where it makes the claim."""
-    model = make_model("hooked-gpt2" if HAS_HOOKED else "bridge-gpt2", dtype=torch.bfloat16)
+    model = make_model(DEFAULT_ID, dtype=torch.bfloat16)
     clean, corrupted = tokens
     with tep.masked(model) as mm:
         masked = mm(clean, mm.interchange(corrupted), mm.graph.ones())

@@ -12,6 +12,7 @@ from .acdc import acdc
 from .files import atomic_write
 from .eap import eap
 from .edge_pruning import edge_pruning
+from .errors import EdgePruneError
 from .graph import Graph
 from .hap import hap
 from .plots import plot_circuit, plot_curves, plot_history, plot_overlap
@@ -52,7 +53,7 @@ def report_rows(model, data, circuits: dict, ablation: str, key: str, canonical:
         metrics = circuit.evaluate(model, data, ablation=ablation)
         rows.append({"method": name, "edges": circuit.n_edges, key: metrics[key], "exact_match": metrics["exact_match"],
                      "seconds": seconds,
-                     "canonical": canonical is not None and sorted(circuit.edge_names()) == sorted(canonical)})
+                     "canonical": None if canonical is None else sorted(circuit.edge_names()) == sorted(canonical)})
     return rows
 
 
@@ -88,7 +89,6 @@ def run_local(model_dir: str, jsonl: str, methods: list[str], out: str, target: 
               acdc_threshold: float, seed: int, progress: bool) -> list[dict]:
     """A model from a local ``transformers`` folder (booted as a TransformerBridge) on the user's JSONL data."""
     from .adapter import transformer_bridge_class
-    from .errors import EdgePruneError
     from .tasks import from_jsonl
 
     bridge = transformer_bridge_class()
@@ -98,8 +98,7 @@ def run_local(model_dir: str, jsonl: str, methods: list[str], out: str, target: 
         raise EdgePruneError(f"--model-dir {model_dir!r} is not a folder (it should hold config.json and the weights)")
     model = bridge.boot_transformers(model_dir)
     task = from_jsonl(model.tokenizer, jsonl)
-    settings = dict(target_sparsity=target, steps=steps, sparsity_warmup=max(1, int(steps * 0.8)),
-                    lr_warmup=min(200, steps // 10), ablation=ablation, seed=seed, progress=progress)
+    settings = dict(target_sparsity=target, steps=steps, ablation=ablation, seed=seed, progress=progress)  # warm-ups: 5/6, 1/15
     graph_edges = Graph.from_model(model).n_edges
     eap_edges = max(1, int(round((1 - min(target, 1.0)) * graph_edges)))
     circuits, _, _ = run_methods(model, task.data, methods, settings, ablation, acdc_threshold, "kl", eap_edges,
@@ -115,10 +114,15 @@ def run_local(model_dir: str, jsonl: str, methods: list[str], out: str, target: 
 
 
 def format_table(rows: list[dict], key: str) -> str:
-    lines = [f"{'method':<14}{'edges':>7}{key.upper():>12}{'exact match':>13}{'time (s)':>10}  canonical"]
+    """The results as text. KL and MSE are ≥ 0: a tiny negative value is float rounding and shows as 0. The
+    "canonical" column appears only where a ground truth exists (the Tracr demo)."""
+    canonical = any(r.get("canonical") is not None for r in rows)
+    lines = [f"{'method':<14}{'edges':>7}{key.upper():>12}{'exact match':>13}{'time (s)':>10}"
+             + ("  canonical" if canonical else "")]
     for r in rows:
-        lines.append(f"{r['method']:<14}{r['edges']:>7}{r[key]:>12.3g}{r['exact_match']:>13.3f}{r['seconds']:>10.1f}  "
-                     f"{'yes' if r['canonical'] else 'no'}")
+        value = 0.0 if -1e-5 < r[key] < 0 else r[key]
+        line = f"{r['method']:<14}{r['edges']:>7}{value:>12.3g}{r['exact_match']:>13.3f}{r['seconds']:>10.1f}"
+        lines.append(line + (f"  {'yes' if r['canonical'] else 'no'}" if canonical else ""))
     return "\n".join(lines)
 
 
@@ -160,6 +164,17 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(methods) - set(METHODS))
     if unknown or not methods:
         parser.error(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+    try:
+        rows, key = _run(args, methods)
+    except EdgePruneError as exc:  # a user error: one line with the fix, no traceback
+        print(f"tl-edgeprune: error: {exc}", file=sys.stderr)
+        return 2
+    print(format_table(rows, key))
+    print(f"report: {os.path.join(args.out, 'report.html')}")
+    return 0
+
+
+def _run(args: argparse.Namespace, methods: list[str]) -> tuple[list[dict], str]:
     if args.command == "demo":
         rows = run_demo(args.task, methods, args.out, args.target, args.steps, args.acdc_threshold, args.seed,
                         progress=not args.no_progress)
@@ -168,9 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = run_local(args.model_dir, args.jsonl, methods, args.out, args.target, args.steps, args.ablation,
                          args.acdc_threshold, args.seed, progress=not args.no_progress)
         key = "kl"
-    print(format_table(rows, key))
-    print(f"report: {os.path.join(args.out, 'report.html')}")
-    return 0
+    return rows, key
 
 
 if __name__ == "__main__":

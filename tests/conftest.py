@@ -38,9 +38,9 @@ def make_model(model_id: str, dtype=torch.float32):
         if not HAS_HOOKED:
             if arch in NO_BRIDGE_TWIN:
                 pytest.skip(f"HookedTransformer was removed in transformer-lens 4 and {NO_BRIDGE_TWIN[arch]}")
-            return bridge_model(arch).to(dtype)
+            return bridge_model(arch, dtype=dtype)
         return hooked_model(arch, dtype=dtype)
-    return bridge_model(arch).to(dtype)
+    return bridge_model(arch, dtype=dtype)
 
 
 def small_problem(n=24, seq=6, seed=0):

@@ -74,7 +74,7 @@ def word_tokenizer(vocab_size: int = D_VOCAB):
     return PreTrainedTokenizerFast.from_pretrained(folder)
 
 
-def bridge_model(arch: str = "gpt2", seed: int = 0, n_layers: int = 2):
+def bridge_model(arch: str = "gpt2", seed: int = 0, n_layers: int = 2, dtype=torch.float32):
     """A TransformerBridge booted offline from a randomly initialised local `transformers` model."""
     TransformerBridge = transformer_bridge_class()
     import transformers
@@ -101,4 +101,5 @@ def bridge_model(arch: str = "gpt2", seed: int = 0, n_layers: int = 2):
         hf, name = transformers.LlamaForCausalLM(cfg), "meta-llama/Llama-3.2-1B"
     else:
         raise ValueError(arch)
-    return TransformerBridge.boot_transformers(name, hf_model=hf.eval(), tokenizer=word_tokenizer())
+    # the transformers model is cast before booting: a bridge cast afterwards keeps parts (rotary tables) in float32
+    return TransformerBridge.boot_transformers(name, hf_model=hf.to(dtype).eval(), tokenizer=word_tokenizer())

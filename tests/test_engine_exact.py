@@ -217,14 +217,17 @@ def test_gradient_at_fractional_masks_matches_finite_differences(model_id, token
         nodes = nodes0.clone().requires_grad_(True)
         f(z, nodes).backward()
         valid = g.valid_mask()
+        # transformers' Llama RMSNorm computes in float32 whatever the model's dtype, so its bridge is float32-exact
+        # only: there a wider step (truncation ~eps², rounding ~1e-7/eps) and a float32-sized tolerance.
+        float32_inside = model_id == "bridge-llama"
+        eps, atol, rtol = (1e-3, 1e-5, 1e-3) if float32_inside else (1e-5, 1e-7, 1e-6)
         for _ in range(3):
             v = torch.randn(g.shape, generator=gen, dtype=torch.float64) * valid
             u = torch.randn(g.n_writers, generator=gen, dtype=torch.float64)
-            eps = 1e-5
             with torch.no_grad():
                 numeric = (f(z0 + eps * v, nodes0 + eps * u) - f(z0 - eps * v, nodes0 - eps * u)) / (2 * eps)
             analytic = (z.grad * v).sum() + (nodes.grad * u).sum()
-            torch.testing.assert_close(analytic, numeric, atol=1e-7, rtol=1e-6)
+            torch.testing.assert_close(analytic, numeric, atol=atol, rtol=rtol)
         assert z.grad[valid].abs().max() > 1e-3
 
 

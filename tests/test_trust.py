@@ -246,7 +246,7 @@ def test_d07_answer_ids_are_validated():
         tep.paired_data(data.clean, data.corrupted, answers=torch.tensor([3, 3, -1, 3, 3, 3, 3, 3]))
     with pytest.raises(tep.EdgePruneError, match="integer token ids.*truncated"):
         tep.paired_data(data.clean, data.corrupted, answers=answers.float())
-    with pytest.raises(tep.EdgePruneError, match="integer indices.*truncated"):
+    with pytest.raises(tep.EdgePruneError, match="positions as a tensor of indices must be integers.*truncated"):
         tep.paired_data(data.clean, data.corrupted, positions=torch.full((8,), 2.0))
     too_big = answers.clone()
     too_big[5] = 10_000

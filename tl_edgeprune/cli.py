@@ -9,13 +9,13 @@ import sys
 import time
 
 from .acdc import acdc
-from .files import atomic_write
 from .eap import eap
 from .edge_pruning import edge_pruning
 from .errors import EdgePruneError
 from .graph import Graph
 from .hap import hap
 from .plots import plot_circuit, plot_curves, plot_history, plot_overlap
+from .report import write_report
 from .selection import faithfulness_curve
 from .tracr_models import EDGE_PRUNING_SETTINGS, TASKS, load_tracr
 
@@ -51,7 +51,8 @@ def report_rows(model, data, circuits: dict, ablation: str, key: str, canonical:
     rows = []
     for name, (circuit, seconds) in circuits.items():
         metrics = circuit.evaluate(model, data, ablation=ablation)
-        rows.append({"method": name, "edges": circuit.n_edges, key: metrics[key], "exact_match": metrics["exact_match"],
+        rows.append({"method": name, "edges": circuit.n_edges, "sparsity": circuit.sparsity, key: metrics[key],
+                     "exact_match": metrics["exact_match"],
                      "seconds": seconds,
                      "canonical": None if canonical is None else sorted(circuit.edge_names()) == sorted(canonical)})
     return rows
@@ -72,17 +73,40 @@ def run_demo(task_name: str, methods: list[str], out: str, target: float | None,
     circuits, ep_result, scores = run_methods(task.model, data, methods, settings, "zero", acdc_threshold,
                                               settings["objective"], len(task.canonical_circuit), progress)
     rows = report_rows(task.model, data, circuits, "zero", key, task.canonical_circuit)
+    figures = comparison_figures(task.model, data, circuits, ep_result, scores, "zero")
+    notes = ["Tracr's compiled model has a known circuit: 'canonical' says whether a method found exactly it."]
+    if settings["target_sparsity"] > 1:
+        notes.append(f"The target sparsity {settings['target_sparsity']:g} is above 1 on purpose: it keeps pushing "
+                     "every gate down, and the read-out keeps the edges the objective cannot do without.")
+    report_settings = {"task": f"Tracr {task_name}", "methods": ", ".join(methods), "ablation": "zero",
+                       "acdc threshold": acdc_threshold, **{k: v for k, v in settings.items() if k != "progress"}}
+    write_report(os.path.join(out, "report.html"), f"tl_edgeprune demo: Tracr {task_name}", rows, report_settings,
+                 {name: c for name, (c, _) in circuits.items()}, figures, notes)
+    return rows
+
+
+def comparison_figures(model, data, circuits: dict, ep_result, scores, ablation: str) -> list:
+    """Each circuit, Edge Pruning's training, the faithfulness curves (EAP's cuts and every other method's
+    circuit as a point, on one figure with a legend), and the overlap of Edge Pruning and ACDC."""
     figures = [plot_circuit(c, title=f"{name}: {c.n_edges} edges") for name, (c, _) in circuits.items()]
     if ep_result is not None:
         figures.append(plot_history(ep_result))
+    curves = []
     if scores is not None:
         n = scores.graph.n_edges
-        sizes = sorted({1, 3, 5, 8, 11, 16, 24, 32, 48, 64, n} & set(range(n + 1)))
-        figures.append(plot_curves([faithfulness_curve(task.model, data, scores, sizes, ablation="zero")]))
+        small = {1, 3, 5, 8, 11, 16, 24, 32, 48, 64}
+        sizes = sorted({k for k in small if k < n} | {max(1, round(n * f)) for f in (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5)} | {n})
+        curves.append(faithfulness_curve(model, data, scores, sizes, ablation=ablation))
+    points = [c for name, (c, _) in circuits.items() if name != "eap"]
+    for name, (c, _) in circuits.items():
+        c.method = c.method or name  # the point's label
+    if points:
+        curves.append(faithfulness_curve(model, data, points, ablation=ablation, method="learned circuits"))
+    if curves:
+        figures.append(plot_curves(curves))
     if "edge_pruning" in circuits and "acdc" in circuits:
         figures.append(plot_overlap(circuits["edge_pruning"][0], circuits["acdc"][0], ("edge_pruning", "acdc")))
-    write_report(os.path.join(out, "report.html"), f"tl_edgeprune demo: Tracr {task_name}", rows, key, figures)
-    return rows
+    return figures
 
 
 def run_local(model_dir: str, jsonl: str, methods: list[str], out: str, target: float, steps: int, ablation: str,
@@ -101,15 +125,20 @@ def run_local(model_dir: str, jsonl: str, methods: list[str], out: str, target: 
     settings = dict(target_sparsity=target, steps=steps, ablation=ablation, seed=seed, progress=progress)  # warm-ups: 5/6, 1/15
     graph_edges = Graph.from_model(model).n_edges
     eap_edges = max(1, int(round((1 - min(target, 1.0)) * graph_edges)))
-    circuits, _, _ = run_methods(model, task.data, methods, settings, ablation, acdc_threshold, "kl", eap_edges,
-                                 progress)
+    circuits, ep_result, scores = run_methods(model, task.data, methods, settings, ablation, acdc_threshold, "kl",
+                                              eap_edges, progress)
     rows = report_rows(model, task.data, circuits, ablation, "kl", canonical=None)
     os.makedirs(out, exist_ok=True)
     for name, (circuit, _) in circuits.items():
         circuit.to_json(os.path.join(out, f"{name}_circuit.json"))
-    figures = [plot_circuit(c, title=f"{name}: {c.n_edges} edges") for name, (c, _) in circuits.items()]
+    figures = comparison_figures(model, task.data, circuits, ep_result, scores, ablation)
     title = f"tl_edgeprune: {os.path.basename(os.path.abspath(model_dir))} on {os.path.basename(jsonl)}"
-    write_report(os.path.join(out, "report.html"), title, rows, "kl", figures)
+    report_settings = {"model": os.path.abspath(model_dir), "data": os.path.abspath(jsonl), "examples": len(task.data),
+                       "methods": ", ".join(methods), "acdc threshold": acdc_threshold,
+                       **{k: v for k, v in settings.items() if k != "progress"}}
+    notes = ["Every metric is measured on the data the circuits were found on; judge them on held-out data too."]
+    write_report(os.path.join(out, "report.html"), title, rows, report_settings,
+                 {name: c for name, (c, _) in circuits.items()}, figures, notes)
     return rows
 
 
@@ -124,16 +153,6 @@ def format_table(rows: list[dict], key: str) -> str:
         line = f"{r['method']:<14}{r['edges']:>7}{value:>12.3g}{r['exact_match']:>13.3f}{r['seconds']:>10.1f}"
         lines.append(line + (f"  {'yes' if r['canonical'] else 'no'}" if canonical else ""))
     return "\n".join(lines)
-
-
-def write_report(path: str, title: str, rows: list[dict], key: str, figures: list) -> None:
-    """One self-contained HTML file (plotly.js inlined once, so it opens offline), written atomically."""
-    parts = [f.to_html(full_html=False, include_plotlyjs=(i == 0)) for i, f in enumerate(figures)]
-    table = format_table(rows, key).replace("&", "&amp;").replace("<", "&lt;")
-    html = (f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title></head>"
-            f"<body><h1>{title}</h1><pre id='results'>{table}</pre>"
-            + "".join(f"<div class='figure'>{p}</div>" for p in parts) + "</body></html>")
-    atomic_write(path, lambda f: f.write(html), text=True)
 
 
 def main(argv: list[str] | None = None) -> int:

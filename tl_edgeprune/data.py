@@ -30,6 +30,17 @@ class PairedData:
     def __len__(self) -> int:
         return int(self.clean.shape[0])
 
+    def __repr__(self) -> str:  # the tensors themselves would fill a notebook cell
+        parts = [f"{len(self)} examples × {self.clean.shape[1]} positions",
+                 f"{int(self.positions.sum())} scored positions"]
+        if self.answers is not None:
+            parts.append("answers" + (" and distractors" if self.distractors is not None else ""))
+        if self.attention_mask is not None:
+            parts.append(f"padded ({int((self.attention_mask == 0).sum())} pad tokens)")
+        if self.token_subset is not None:
+            parts.append(f"{len(self.token_subset)} scored tokens")
+        return f"PairedData({', '.join(parts)})"
+
     def select(self, index: torch.Tensor | slice) -> "PairedData":
         """Rows of the dataset (token_subset is shared)."""
         kw = {}
@@ -66,6 +77,11 @@ class ShardedData:
     widths, so no padding is needed (TransformerLens ignores padding masks in bidirectional attention)."""
 
     shards: list[PairedData]
+
+    def __repr__(self) -> str:
+        widths = [s.clean.shape[1] for s in self.shards]
+        return (f"ShardedData({sum(len(s) for s in self.shards)} examples in {len(self.shards)} shards of "
+                f"{min(widths)}–{max(widths)} positions)")
 
     def __post_init__(self) -> None:
         if not self.shards or not all(isinstance(s, PairedData) for s in self.shards):
@@ -171,10 +187,10 @@ def paired_data(
         mask = positions.clone()
     elif isinstance(positions, torch.Tensor) and positions.dim() == 1 and positions.shape[0] == n:
         if positions.dtype not in INTEGER_DTYPES:
-            raise EdgePruneError(f"answer positions must be integer indices (a LongTensor [{n}]), got {_describe(positions)}; "
+            raise EdgePruneError(f"positions as a tensor of indices must be integers (a LongTensor [{n}], one scored position per example), got {_describe(positions)}; "
                                  "a float would be truncated")
         if int(positions.min()) < 0 or int(positions.max()) >= width:
-            raise EdgePruneError(f"answer positions must lie in [0, {width}), got [{int(positions.min())}, {int(positions.max())}]")
+            raise EdgePruneError(f"positions (one index per example) must lie in [0, {width}), got [{int(positions.min())}, {int(positions.max())}]")
         mask = torch.zeros_like(real)
         mask[torch.arange(n), positions.long()] = True
     else:

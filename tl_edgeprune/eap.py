@@ -59,6 +59,11 @@ class EdgeScores:
     seconds: float
     model: dict | None = None  # fingerprint of the model scored (class, name, weights hash)
 
+    def __repr__(self) -> str:
+        top = float(self.scores.abs().max()) if self.scores.numel() else 0.0
+        return (f"EdgeScores({self.method}: {self.graph.n_edges:,} edges, max |score| {top:.3g}, "
+                f"{self.seconds:.1f} s; .circuit(k=...) for the top k)")
+
     def circuit(self, k: int | None = None, fraction: float | None = None, absolute: bool = True) -> Circuit:
         """The top-k (or a fraction of) edges by |score| (or signed score)."""
         return Circuit.top_k(self.graph, self.scores, k=k, fraction=fraction, absolute=absolute, method=self.method,

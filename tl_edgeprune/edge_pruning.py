@@ -145,6 +145,12 @@ class EdgePruningResult:
     info: dict = field(default_factory=dict)
     model: dict | None = None  # fingerprint of the model trained on (class, name, weights hash)
 
+    def __repr__(self) -> str:
+        done = len(self.history.get("objective", []))
+        read = self.history.get("circuit_sparsity") or [float("nan")]
+        return (f"EdgePruningResult({done} of {self.config.steps} steps, target {self.config.target_sparsity:g}, "
+                f"circuit sparsity {read[-1]:.3f} at the end, {self.seconds:.0f} s; .circuit() reads it out)")
+
     def soft_masks(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Deterministic eval masks (edges, nodes) by the reference rule."""
         edges = _gate(self.edge_log_alpha).deterministic(self.trainable)

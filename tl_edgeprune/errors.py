@@ -9,6 +9,12 @@ class UnsupportedModelError(EdgePruneError):
     """The model's type or architecture cannot be masked edge by edge."""
 
 
+class UnknownNameError(EdgePruneError, KeyError):
+    """A node or edge name the graph does not have (a KeyError too, for code that catches those)."""
+
+    __str__ = Exception.__str__  # KeyError's would print the message in quotes
+
+
 class HookFiringError(RuntimeError):
     """A hook fired a wrong number of times: the model's forward did not go where the graph says."""
 

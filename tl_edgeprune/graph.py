@@ -13,6 +13,8 @@ from typing import Any, Literal, Sequence
 import torch
 from jaxtyping import Bool, Float
 
+from .errors import UnknownNameError
+
 InputNodes = Literal["separate", "merged"]
 
 
@@ -189,22 +191,25 @@ class Graph:
         try:
             return self._writer_index[name]
         except KeyError:
-            raise KeyError(f"no writer node {name!r}; writers look like {self.writers[:3]} ... {self.writers[-1]!r}") from None
+            raise UnknownNameError(f"no writer node {name!r}{_nearest(name, self.writers)}; writers look like "
+                                   f"{self.writers[:3]} ... {self.writers[-1]!r}") from None
 
     def reader_index(self, name: str) -> int:
         try:
             return self._reader_index[name]
         except KeyError:
-            raise KeyError(f"no reader {name!r}; readers look like {self.readers[:2]} ... {self.readers[-1]!r}") from None
+            raise UnknownNameError(f"no reader {name!r}{_nearest(name, self.readers)}; readers look like "
+                                   f"{self.readers[:2]} ... {self.readers[-1]!r}") from None
 
     def edge_index(self, name: str) -> tuple[int, int]:
         """``'a0.h1->a2.h3<q>'`` -> (writer row, reader column); raises if the edge does not exist."""
-        if "->" not in name:
-            raise ValueError(f"edge names look like 'a0.h1->m2', got {name!r}")
+        if not isinstance(name, str) or "->" not in name:
+            raise UnknownNameError(f"edge names look like 'a0.h1->m2' or 'tok->a1.h0<q>', got {name!r}")
         src, dst = name.split("->", 1)
         w, r = self.writer_index(src), self.reader_index(dst)
         if w >= self._group_of(r).n_writers:
-            raise KeyError(f"{src} is not upstream of {dst}, so {name!r} is not an edge of this graph")
+            raise UnknownNameError(f"{src} is not upstream of {dst}, so {name!r} is not an edge of this graph "
+                                   "(an edge runs from a writer to a reader in a later layer)")
         return w, r
 
     def edge_name(self, writer: int, reader: int) -> str:
@@ -281,3 +286,11 @@ def edge_mask_from_names(graph: Graph, names: Sequence[str], dtype=torch.float32
     for name in names:
         mask[graph.edge_index(name)] = 1
     return mask
+
+
+def _nearest(name: str, names: Sequence[str]) -> str:
+    """" (did you mean 'a0.h1'?)" for the closest real name, or nothing."""
+    import difflib
+
+    close = difflib.get_close_matches(name, list(names), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""

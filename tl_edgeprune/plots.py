@@ -16,23 +16,27 @@ from .errors import EdgePruneError
 from .graph import Graph
 
 KIND_COLORS = {"q": "#1f77b4", "k": "#2ca02c", "v": "#9467bd", "mlp": "#ff7f0e", "logits": "#d62728"}
+KIND_LABELS = {"q": "q input", "k": "k input", "v": "v input", "mlp": "MLP input", "logits": "logits"}
+LANE = -1.5  # the row below the heads that holds the inputs, the MLPs and the logits
+WIDTH_BINS = 4  # edges are drawn in this many width classes per kind: widths follow each edge's score
+MAX_LABELLED_NODES = 40  # above this, node names are on hover and on the axes, not printed on the plot
 
 
 def node_positions(graph: Graph) -> dict[str, tuple[float, float]]:
-    """x: stage (inputs 0, attention of layer l at 2l+1, its MLP at 2l+2, logits last); y: head index."""
+    """x: stage (inputs 0, attention of layer l at 2l+1, its MLP at 2l+2, logits last); y: head index for heads,
+    and one lane below the heads for inputs, MLPs and logits, so no MLP sits among the heads."""
     pos: dict[str, tuple[float, float]] = {}
-    H = graph.spec.n_heads
     inputs = [w for w in graph.writers if w in ("tok", "pos", "input")]
     for i, name in enumerate(inputs):
-        pos[name] = (0.0, (H - 1) / 2 + (i - (len(inputs) - 1) / 2))
+        pos[name] = (0.0, LANE - i)
     for name in graph.writers:
         m = re.fullmatch(r"a(\d+)\.h(\d+)", name)
         if m:
             pos[name] = (2 * int(m.group(1)) + 1.0, float(int(m.group(2))))
         m = re.fullmatch(r"m(\d+)", name)
         if m:
-            pos[name] = (2 * int(m.group(1)) + 2.0, (H - 1) / 2)
-    pos["logits"] = (2 * graph.spec.n_layers + 1.0, (H - 1) / 2)
+            pos[name] = (2 * int(m.group(1)) + 2.0, LANE)
+    pos["logits"] = (2 * graph.spec.n_layers + 1.0, LANE)
     return pos
 
 
@@ -43,13 +47,15 @@ def _reader_kind(reader: str) -> str:
     return m.group(1) if m else "mlp"
 
 
-KIND_OFFSET = {"q": 0.22, "k": 0.0, "v": -0.22, "mlp": 0.0, "logits": 0.0}
+KIND_OFFSET = {"q": 0.25, "k": 0.0, "v": -0.25, "mlp": 0.0, "logits": 0.0}
+PORT_DX = 0.22  # q/k/v ports sit on the head's left side, one above the other
 
 
 def _reader_point(graph: Graph, r: int, pos: dict) -> tuple[float, float]:
-    """Where an edge into reader r ends: its node, nudged up (q) or down (v) so q/k/v stay distinguishable."""
+    """Where an edge into reader r ends: a q, k or v port on the head's left (q top, v bottom), else the node."""
     x, y = pos[_reader_node(graph, r)]
-    return x - 0.08 * (_reader_kind(graph.readers[r]) in "qkv"), y + KIND_OFFSET[_reader_kind(graph.readers[r])]
+    kind = _reader_kind(graph.readers[r])
+    return x - PORT_DX * (kind in "qkv"), y + KIND_OFFSET[kind]
 
 
 def _reader_node(graph: Graph, r: int) -> str:
@@ -57,12 +63,32 @@ def _reader_node(graph: Graph, r: int) -> str:
     return "logits" if not targets else graph.writers[targets[0]]
 
 
+def _axes(fig: go.Figure, graph: Graph, height: int | None = None) -> None:
+    """Layer names on x; head indices (integers) on y, and the lane of inputs, MLPs and logits below them."""
+    n_layers, n_heads = graph.spec.n_layers, graph.spec.n_heads
+    ticks = [0] + [2 * l + 1.5 for l in range(n_layers)] + [2 * n_layers + 1]
+    labels = ["embed"] + [f"L{l}" for l in range(n_layers)] + ["logits"]
+    inputs = [w for w in graph.writers if w in ("tok", "pos", "input")]
+    y_ticks = [LANE - i for i in range(len(inputs))][::-1] + list(range(n_heads))
+    y_labels = inputs[::-1] + [f"h{h}" for h in range(n_heads)]
+    y_labels[len(inputs) - 1] = f"{inputs[0]} · MLP · logits" if inputs else "MLP · logits"
+    fig.update_layout(
+        xaxis=dict(tickvals=ticks, ticktext=labels, title="layer (attention heads, then the MLP, of each)",
+                   showgrid=False, zeroline=False),
+        yaxis=dict(tickvals=y_ticks, ticktext=y_labels, title="head", showgrid=False, zeroline=False,
+                   range=[LANE - len(inputs) + 0.4, n_heads - 0.4]),
+        plot_bgcolor="white", hovermode="closest", legend=dict(orientation="h", y=-0.18),
+        height=height or max(420, 34 * (n_heads + len(inputs) + 1) + 160),
+    )
+
+
 def plot_circuit(
     circuit: Circuit, title: str | None = None, prune_dangling: bool = True, show_dangling: bool = True,
-    max_width: float = 6.0,
+    max_width: float = 5.0,
 ) -> go.Figure:
-    """The circuit as a DAG (x = layer). Edge width follows |score| (or the mask); edges into nodes that reach
-    no output are drawn dimmed (or dropped with show_dangling=False)."""
+    """The circuit as a DAG (x = layer, y = head; inputs, MLPs and logits in the lane below). Each edge's width
+    follows its own |score| (or the mask); q/k/v edges end at ports on the head; edges into nodes that reach no
+    output are drawn dimmed (or dropped with show_dangling=False)."""
     graph = circuit.graph
     pos = node_positions(graph)
     edges = circuit.effective_edges()
@@ -70,75 +96,124 @@ def plot_circuit(
     scores = circuit.scores.abs() if circuit.scores is not None else edges.float()
     kept_scores = scores[edges]
     top = float(kept_scores.max()) if kept_scores.numel() and float(kept_scores.max()) > 0 else 1.0
+    n = int(edges.sum())
+    opacity = 0.85 if n <= 60 else max(0.3, 0.85 * (60 / n) ** 0.35)  # thousands of edges stay legible
     fig = go.Figure()
-    by_kind: dict[tuple[str, bool], dict[str, list]] = {}
+    lines: dict[tuple[str, bool, int], dict[str, list]] = {}
+    hovers: dict[tuple[str, bool], dict[str, list]] = {}
+    ports: dict[str, set] = {}
     for w, r in edges.nonzero().tolist():
         alive = bool(live[w, r])
         if not alive and not show_dangling:
             continue
         kind = _reader_kind(graph.readers[r])
         (x0, y0), (x1, y1) = pos[graph.writers[w]], _reader_point(graph, r, pos)
-        entry = by_kind.setdefault((kind, alive), {"x": [], "y": [], "mx": [], "my": [], "text": [], "w": []})
-        entry["x"] += [x0, x1, None]
-        entry["y"] += [y0, y1, None]
-        entry["mx"].append((x0 + x1) / 2)
-        entry["my"].append((y0 + y1) / 2)
-        entry["text"].append(f"{graph.edge_name(w, r)}<br>score {float(scores[w, r]):.4g}")
-        entry["w"].append(float(scores[w, r]) / top)
-    for (kind, alive), e in sorted(by_kind.items(), key=lambda kv: (not kv[0][1], kv[0][0])):
-        width = 0.5 + (max_width - 0.5) * (sum(e["w"]) / len(e["w"]))  # one width per trace keeps it fast
-        label = kind if alive else f"{kind} (dangling)"
+        rel = float(scores[w, r]) / top
+        width_bin = min(WIDTH_BINS - 1, int(rel * WIDTH_BINS))
+        line = lines.setdefault((kind, alive, width_bin), {"x": [], "y": []})
+        line["x"] += [x0, x1, None]
+        line["y"] += [y0, y1, None]
+        hover = hovers.setdefault((kind, alive), {"x": [], "y": [], "text": []})
+        hover["x"].append((x0 + x1) / 2)
+        hover["y"].append((y0 + y1) / 2)
+        hover["text"].append(f"{graph.edge_name(w, r)}<br>score {float(scores[w, r]):.4g}")
+        if kind in "qkv":
+            ports.setdefault(kind, set()).add((x1, y1))
+    shown = set()
+    for (kind, alive, width_bin), e in sorted(lines.items(), key=lambda kv: (not kv[0][1], list(KIND_COLORS).index(kv[0][0]), kv[0][2])):
+        label = KIND_LABELS[kind] if alive else f"{KIND_LABELS[kind]} (dangling)"
         fig.add_trace(go.Scattergl(
-            x=e["x"], y=e["y"], mode="lines", name=label, hoverinfo="skip",
-            line=dict(color=KIND_COLORS[kind], width=width), opacity=0.8 if alive else 0.15,
+            x=e["x"], y=e["y"], mode="lines", name=label, legendgroup=label, showlegend=label not in shown,
+            hoverinfo="skip", opacity=opacity if alive else 0.15,
+            line=dict(color=KIND_COLORS[kind], width=0.6 + (max_width - 0.6) * (width_bin + 1) / WIDTH_BINS),
         ))
+        shown.add(label)
+    for (kind, alive), e in hovers.items():
+        label = KIND_LABELS[kind] if alive else f"{KIND_LABELS[kind]} (dangling)"
         fig.add_trace(go.Scatter(
-            x=e["mx"], y=e["my"], mode="markers", marker=dict(size=6, color=KIND_COLORS[kind], opacity=0.01),
-            text=e["text"], hoverinfo="text", showlegend=False, name=f"{label} hover",
+            x=e["x"], y=e["y"], mode="markers", marker=dict(size=6, color=KIND_COLORS[kind], opacity=0.01),
+            text=e["text"], hoverinfo="text", showlegend=False, legendgroup=label, name=f"{label} hover",
+        ))
+    for kind, points in sorted(ports.items()):
+        xs, ys = zip(*sorted(points))
+        fig.add_trace(go.Scatter(
+            x=xs, y=ys, mode="markers", name=f"{kind} port", legendgroup=KIND_LABELS[kind], showlegend=False,
+            marker=dict(size=5, color=KIND_COLORS[kind], symbol="triangle-right"), hoverinfo="skip",
         ))
     used = set()
     for w, r in edges.nonzero().tolist():
-        used.update({graph.writers[w], _reader_node(graph, r)})
+        if show_dangling or live[w, r]:
+            used.update({graph.writers[w], _reader_node(graph, r)})
     names = [n for n in list(graph.writers) + ["logits"] if n in used]
+    labelled = len(names) <= MAX_LABELLED_NODES
     fig.add_trace(go.Scatter(
-        x=[pos[n][0] for n in names], y=[pos[n][1] for n in names], mode="markers+text", text=names,
-        textposition="top center", marker=dict(size=12, color="#333", symbol="square"), name="nodes",
-        hovertext=names, hoverinfo="text",
+        x=[pos[n][0] for n in names], y=[pos[n][1] for n in names], mode="markers+text" if labelled else "markers",
+        text=names, textposition="top center", name="nodes", hovertext=names, hoverinfo="text",
+        marker=dict(size=11 if labelled else 8, color="#333",
+                    symbol=["square" if not n.startswith("a") else "circle" for n in names]),
     ))
-    ticks = [0] + [2 * l + 1 for l in range(graph.spec.n_layers)] + [2 * graph.spec.n_layers + 1]
-    labels = ["embed"] + [f"L{l}" for l in range(graph.spec.n_layers)] + ["logits"]
-    fig.update_layout(
-        title=title or f"{circuit.method or 'circuit'}: {circuit.n_edges} edges (sparsity {circuit.sparsity:.3f})",
-        xaxis=dict(tickvals=ticks, ticktext=labels, title="layer"), yaxis=dict(title="head", zeroline=False),
-        plot_bgcolor="white", hovermode="closest", height=500, legend=dict(orientation="h"),
-    )
+    _axes(fig, graph)
+    fig.update_layout(title=title or f"{circuit.method or 'circuit'}: {circuit.n_edges} edges (sparsity {circuit.sparsity:.3f})"
+                      + ("" if labelled else " — hover a node or edge for its name"))
     return fig
 
 
 def plot_curves(curves: Sequence, metric: str = "faithfulness") -> go.Figure:
-    """Several methods' faithfulness curves on one figure (x: % of edges kept)."""
+    """Several methods on one figure (x: % of edges kept). A curve of two or more cuts of one method's scores is a
+    line named with its CPR/CMD; a curve built from a list of circuits (Edge Pruning, ACDC) is a set of points,
+    each labelled with its circuit's method, since an area under a few unrelated circuits means nothing."""
     fig = go.Figure()
     for curve in curves:
         ys = curve.faithfulness if metric == "faithfulness" else curve.values
-        fig.add_trace(go.Scatter(
-            x=[100 * f for f in curve.fractions], y=ys, mode="lines+markers",
-            name=f"{curve.method} (CPR {curve.cpr:.3f}, CMD {curve.cmd:.3f})",
-        ))
-    fig.update_layout(title="Faithfulness", xaxis_title="% of edges kept", yaxis_title=metric, plot_bgcolor="white")
+        xs = [100 * f for f in curve.fractions]
+        labels = curve.extra.get("methods")
+        if labels and len(set(labels)) > 1 or len(xs) < 3:
+            fig.add_trace(go.Scatter(x=xs, y=ys, mode="markers+text", name=curve.method, text=labels or None,
+                                     textposition="top right", marker=dict(size=12, symbol="diamond")))
+        else:
+            fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines+markers",
+                                     name=f"{curve.method} (CPR {curve.cpr:.3f}, CMD {curve.cmd:.3f})"))
+    fig.update_layout(title="Faithfulness against circuit size", xaxis=dict(title="% of edges kept", type="log"),
+                      yaxis_title=metric, plot_bgcolor="white", showlegend=True, legend=dict(orientation="h", y=-0.2))
     return fig
 
 
+def _smooth(values: Sequence[float], span: int) -> list[float]:
+    """An exponential moving average (span steps): the per-batch objective is noisy from one step to the next."""
+    out, avg, alpha = [], None, 2 / (span + 1)
+    for v in values:
+        avg = v if avg is None else alpha * v + (1 - alpha) * avg
+        out.append(avg)
+    return out
+
+
 def plot_history(result) -> go.Figure:
-    """Edge Pruning training: the objective, and sparsity against its target."""
+    """Edge Pruning training: the objective (smoothed, raw faintly), and the read-out circuit's sparsity and the
+    training estimate against the ramping target."""
     h = result.history
     steps = list(range(len(h["objective"])))
+    span = max(1, len(steps) // 50)
+    positive = all(v > 0 for v in h["objective"])
+    spread = positive and max(h["objective"]) > 30 * min(h["objective"])
     fig = go.Figure()
-    fig.add_trace(go.Scatter(x=steps, y=h["objective"], name="objective", yaxis="y1"))
-    fig.add_trace(go.Scatter(x=steps, y=h["sparsity"], name="sparsity", yaxis="y2"))
-    fig.add_trace(go.Scatter(x=steps, y=h["target"], name="target sparsity", yaxis="y2", line=dict(dash="dash")))
+    fig.add_trace(go.Scatter(x=steps, y=h["objective"], name="objective (per batch)", yaxis="y1",
+                             line=dict(color="#888", width=1), opacity=0.35))
+    fig.add_trace(go.Scatter(x=steps, y=_smooth(h["objective"], span), name=f"objective (smoothed, {span} steps)",
+                             yaxis="y1", line=dict(color="#333", width=2)))
+    if h.get("circuit_sparsity"):
+        fig.add_trace(go.Scatter(x=steps, y=h["circuit_sparsity"], name="circuit sparsity (read out)", yaxis="y2",
+                                 line=dict(color="#1f77b4", width=2)))
+    fig.add_trace(go.Scatter(x=steps, y=h["sparsity"], name="sparsity (training estimate)", yaxis="y2",
+                             line=dict(color="#1f77b4", width=1, dash="dot")))
+    fig.add_trace(go.Scatter(x=steps, y=h["target"], name="target sparsity", yaxis="y2",
+                             line=dict(color="#d62728", dash="dash")))
+    top = max([1.0] + list(h["target"]))
     fig.update_layout(
-        title="Edge Pruning training", xaxis_title="step", yaxis=dict(title="objective", type="log"),
-        yaxis2=dict(title="sparsity", overlaying="y", side="right", range=[0, 1.05]), plot_bgcolor="white",
+        title="Edge Pruning training" + (" (a target above 1 pushes past every edge: the read-out stops at the "
+                                         "edges the objective needs)" if top > 1 else ""),
+        xaxis_title="step", yaxis=dict(title="objective", type="log" if spread else "linear"),
+        yaxis2=dict(title="sparsity", overlaying="y", side="right", range=[0, top + 0.05]), plot_bgcolor="white",
+        legend=dict(orientation="h", y=-0.2),
     )
     return fig
 
@@ -169,10 +244,14 @@ def plot_overlap(a: Circuit, b: Circuit, names: tuple[str, str] | None = None) -
     union = ea | eb
     nodes = sorted({a.graph.writers[w] for w, _ in union.nonzero().tolist()}
                    | {_reader_node(a.graph, r) for _, r in union.nonzero().tolist()})
-    fig.add_trace(go.Scatter(x=[pos[n][0] for n in nodes], y=[pos[n][1] for n in nodes], mode="markers+text",
-                             text=nodes, textposition="top center", marker=dict(size=12, color="#333"), name="nodes"))
+    labelled = len(nodes) <= MAX_LABELLED_NODES
+    fig.add_trace(go.Scatter(x=[pos[n][0] for n in nodes], y=[pos[n][1] for n in nodes],
+                             mode="markers+text" if labelled else "markers", text=nodes, hovertext=nodes,
+                             hoverinfo="text", textposition="top center", marker=dict(size=10, color="#333"),
+                             name="nodes"))
     jaccard = float((ea & eb).sum()) / max(1, float(union.sum()))
-    fig.update_layout(title=f"{names[0]} vs {names[1]}: Jaccard {jaccard:.3f}", plot_bgcolor="white", height=500)
+    _axes(fig, a.graph)
+    fig.update_layout(title=f"{names[0]} vs {names[1]}: Jaccard {jaccard:.3f}")
     return fig
 
 

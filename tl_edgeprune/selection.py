@@ -145,5 +145,6 @@ def faithfulness_curve(
         values=values[2:],
         full=values[0],
         empty=values[1],
-        extra={"kl": [r["kl"] for r in results[2:]], "metrics": results[2:], "empty_kl": results[1]["kl"]},
+        extra={"kl": [r["kl"] for r in results[2:]], "metrics": results[2:], "empty_kl": results[1]["kl"],
+               "methods": [c.method or "circuit" for c in circuits]},
     )

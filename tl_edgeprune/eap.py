@@ -90,11 +90,22 @@ def eap(
     mean_reference: torch.Tensor | None = None,
     progress: bool = True,
     threads: int | None = None,
+    ig_grid: str = "right",
+    gradient_at: str = "clean",
 ) -> EdgeScores:
     """EAP scores for every edge (``ig_steps=m`` gives EAP-IG with m interpolation steps).
 
+    ``ig_grid``: where EAP-IG's m gradients are taken between corrupted (α = 0) and clean (α = 1): "right" is
+    α = 1/m, …, 1 (ours); "left" is α = 0, …, (m−1)/m (EAP-IG's current main branch).
+    ``gradient_at="corrupted"``: the gradient is taken on the corrupted run instead of the clean one (the
+    "denoising" form of TransformerLens 4.3's attribution_patch), still times the clean − corrupted writer outputs.
     ``threads``: torch threads for the run (default: 1 for a small CPU model, else torch's setting; threads.py).
     """
+    validation.choice("ig_grid", ig_grid, ("right", "left"))
+    validation.choice("gradient_at", gradient_at, ("clean", "corrupted"))
+    if gradient_at == "corrupted" and ig_steps is not None:
+        raise EdgePruneError("gradient_at='corrupted' is plain EAP on the corrupted run; EAP-IG (ig_steps) already "
+                             "integrates from the corrupted to the clean run: pass one of the two")
     data = as_data(data)
     if ig_steps is not None:
         validation.integer("ig_steps", ig_steps, minimum=1)
@@ -108,31 +119,40 @@ def eap(
         graph = mm.graph
         total = torch.zeros(graph.shape, dtype=torch.float64)
         # plain EAP reads each ỹ once: keep only y − ỹ (EAP-IG reads ỹ for its fixed deltas, then every step)
-        source = counterfactual_source(mm, ablation, data, mean_reference, single_use=ig_steps is None)
+        source = counterfactual_source(mm, ablation, data, mean_reference,
+                                       single_use=ig_steps is None and gradient_at == "clean")
         batches = list(data.batches(batch_size))
         for batch in tqdm(batches, disable=not progress, desc="EAP-IG" if ig_steps else "EAP"):
             batch = batch.to(mm.device)
             cf = source(batch)
             z = graph.ones(device=mm.device).requires_grad_(True)
-            if ig_steps is None:
+            if gradient_at == "corrupted":  # one gradient at α = 0: the corrupted run, with the clean deltas
+                _integrated_gradients(mm, batch, cf, z, metric_fn, 1, "left")
+            elif ig_steps is None:
                 metric_fn(mm(batch.clean, cf, z, attention_mask=batch.attention_mask), batch).backward()
             else:
-                _integrated_gradients(mm, batch, cf, z, metric_fn, ig_steps)
+                _integrated_gradients(mm, batch, cf, z, metric_fn, ig_steps, ig_grid)
             total += z.grad.detach().double().cpu() * len(batch)
         scores = (total / len(data)) * graph.valid_mask()
     method = f"eap-ig({ig_steps})" if ig_steps else "eap"
+    if ig_steps and ig_grid == "left":
+        method += " left grid"
+    if gradient_at == "corrupted":
+        method = "eap (gradient at corrupted)"
     return EdgeScores(graph, scores.float(), method, time.perf_counter() - t0, model_fingerprint(model))
 
 
-def _integrated_gradients(mm: MaskedModel, batch: PairedData, cf, z: torch.Tensor, metric_fn: Metric, steps: int) -> None:
-    """Accumulate (1/m) Σ_k grad at inputs interpolated from corrupted (k=0) to clean (k=m) into z.grad."""
+def _integrated_gradients(mm: MaskedModel, batch: PairedData, cf, z: torch.Tensor, metric_fn: Metric, steps: int,
+                          grid: str = "right") -> None:
+    """Accumulate (1/m) Σ_k grad at inputs interpolated from corrupted (α=0) to clean (α=1) into z.grad: at
+    α = k/m for k = 1..m ("right") or k = 0..m−1 ("left")."""
     clean_y = mm.writer_outputs(batch.clean, batch.attention_mask)
     corrupted_y = torch.zeros_like(clean_y) if cf.values is None else cf.values.to(clean_y.dtype).expand_as(clean_y)
     deltas = clean_y - corrupted_y
     inputs = [c for c in mm.graph.writer_chunks if c.kind in ("tok", "pos", "input")]
     n_in = max(c.stop for c in inputs)
     input_delta = deltas[:n_in].sum(0)  # the residual stream's input: embeddings (clean − corrupted)
-    for k in range(1, steps + 1):
+    for k in (range(1, steps + 1) if grid == "right" else range(steps)):
         alpha = k / steps
 
         def interpolate(resid, hook, shift=(alpha - 1.0) * input_delta):

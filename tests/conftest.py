@@ -32,15 +32,29 @@ MODEL_IDS = model_ids(HOOKED_ARCHS, ("gpt2", "neox", "llama"))
 DEFAULT_ID = model_ids(["gpt2"])[0]  # the GPT-2-shaped model of the tests that need just one
 
 
+def pytest_addoption(parser):
+    parser.addoption("--device", default="cpu",
+                     help="the torch device the suite's models run on (benchmarks/gpu_check.sh passes cuda)")
+
+
+DEVICE = torch.device("cpu")
+
+
+def pytest_configure(config):
+    global DEVICE
+    DEVICE = torch.device(config.getoption("--device"))
+
+
 def make_model(model_id: str, dtype=torch.float32):
+    """A model of the suite, on the --device of the run."""
     family, arch = model_id.split("-", 1)
     if family == "hooked":
         if not HAS_HOOKED:
             if arch in NO_BRIDGE_TWIN:
                 pytest.skip(f"HookedTransformer was removed in transformer-lens 4 and {NO_BRIDGE_TWIN[arch]}")
-            return bridge_model(arch, dtype=dtype)
-        return hooked_model(arch, dtype=dtype)
-    return bridge_model(arch, dtype=dtype)
+            return bridge_model(arch, dtype=dtype).to(DEVICE)
+        return hooked_model(arch, dtype=dtype).to(DEVICE)
+    return bridge_model(arch, dtype=dtype).to(DEVICE)
 
 
 def small_problem(n=24, seq=6, seed=0):

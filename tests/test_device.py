@@ -103,3 +103,12 @@ def test_metrics_follow_the_logits_device():
     assert kl_divergence(logits, logits, batch).device == META
     assert mean_squared_error(logits, logits, batch).device == META
     assert _last_scored(batch).device == META
+
+
+def test_the_suite_runs_its_models_on_the_device_option(request):
+    """`pytest --device cuda` (benchmarks/gpu_check.sh) moves every model of the suite there; CI runs it as cpu."""
+    from .conftest import DEFAULT_ID
+
+    device = torch.device(request.config.getoption("--device"))
+    model = make_model(DEFAULT_ID)
+    assert {p.device.type for p in model.parameters()} == {device.type}

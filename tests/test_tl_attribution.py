@@ -17,8 +17,18 @@ from tl_edgeprune.selection import faithfulness_curve
 from .conftest import HAS_BRIDGE
 from .models import bridge_model
 
-HAS_TL_TOOL = HAS_BRIDGE and importlib.util.find_spec("transformer_lens.tools.analysis.attribution_patching") is not None
-needs_tool = pytest.mark.skipif(not HAS_TL_TOOL, reason="needs transformer-lens >= 4.3 (tools.analysis.attribution_patching)")
+def _tool_scores_edges() -> bool:
+    """transformer-lens 3.9 ships an older, node-only attribution_patching; edges and faithfulness came in 4.3."""
+    if not HAS_BRIDGE or importlib.util.find_spec("transformer_lens.tools.analysis.attribution_patching") is None:
+        return False
+    from transformer_lens.tools.analysis import attribution_patching as ap
+
+    return hasattr(ap, "faithfulness") and hasattr(ap, "enumerate_edges")
+
+
+HAS_TL_TOOL = _tool_scores_edges()
+needs_tool = pytest.mark.skipif(not HAS_TL_TOOL, reason="needs transformer-lens >= 4.3, whose attribution_patching "
+                                "scores edges (3.9's is node-only)")
 ANSWER, DISTRACTOR = 7, 8
 
 

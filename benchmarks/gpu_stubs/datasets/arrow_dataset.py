@@ -1,0 +1,1 @@
+from . import Dataset  # noqa: F401

@@ -338,9 +338,9 @@ def edge_pruning(
     cfg.validate()
     if cfg.final_ramp() < 0.99:
         warnings.warn(f"sparsity_warmup={cfg.sparsity_warmup} is longer than steps={cfg.steps}: by the last step the "
-                      f"target has only reached {cfg.final_target():.3f}, not target_sparsity={cfg.target_sparsity:g}, so the circuit will keep "
-                      f"more edges than asked. Leave sparsity_warmup unset (5/6 of steps) or raise steps.",
-                      UserWarning, stacklevel=3)
+                      f"target has only reached {cfg.final_target():.3f}, not target_sparsity={cfg.target_sparsity:g}, "
+                      "so the circuit will keep more edges than asked. Leave sparsity_warmup unset (5/6 of steps) "
+                      "or raise steps.", UserWarning, stacklevel=3)
     if not isinstance(resume, bool):
         raise EdgePruneError(f"resume must be True or False, got {resume!r}")
     if callback is not None and not callable(callback):

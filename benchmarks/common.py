@@ -67,7 +67,8 @@ def timed_interleaved(steps: dict, repeats: int, warmup: int = 1, settle: int = 
     ``settle``: run each step that many times untimed right before its timed run (a a* b b* ...), so each is
     timed in the allocator state its own previous run left, as in a loop of such steps; with 0, each step
     first takes back memory the other step's frees returned to the kernel (glibc's trim), which on CPU costs
-    page faults. Returns stats per step and, per later step, the stats of its per-round ratio to the first."""
+    page faults. Returns stats per step and, for each later step, the stats of its per-round ratio to each
+    earlier one ("b/a")."""
     names = list(steps)
     for _ in range(warmup):
         for name in names:
@@ -81,8 +82,9 @@ def timed_interleaved(steps: dict, repeats: int, warmup: int = 1, settle: int = 
             steps[name]()
             times[name].append(time.perf_counter() - t0)
     out = {name: _stats(t) for name, t in times.items()}
-    for name in names[1:]:
-        out[f"{name}/{names[0]}"] = _stats([a / b for a, b in zip(times[name], times[names[0]])])
+    for i, base in enumerate(names):  # every later step against every earlier one, round by round
+        for name in names[i + 1:]:
+            out[f"{name}/{base}"] = _stats([a / b for a, b in zip(times[name], times[base])])
     return out
 
 

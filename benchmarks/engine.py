@@ -153,13 +153,15 @@ def edge_pruning_step(mm, clean, corrupted, target_sparsity: float = 0.5, per_st
     return step
 
 
-def loop_step_seconds(model, clean, corrupted, steps: int, cache_gib: float) -> dict:
+def loop_step_seconds(model, clean, corrupted, steps: int, cache_gib: float, **options) -> dict:
     """Per-step wall time of tep.edge_pruning on a one-batch dataset: with cache_gib=0 every step runs the
-    corrupted, full and masked forwards; with the cache, every step after the first gathers ỹ and the target."""
+    corrupted, full and masked forwards; with the cache, every step after the first gathers ỹ and the target.
+    ``options`` go to edge_pruning (e.g. the reference's warm-ups). The loop reads its loss every step, so on a
+    GPU the clock at each callback has waited for that step's kernels."""
     stamps = []
     data = paired_data(clean, corrupted, positions="last")
     tep.edge_pruning(model, data, 0.5, steps=steps, batch_size=len(clean), progress=False, cache_gib=cache_gib,
-                     callback=lambda step, row: stamps.append(time.perf_counter()))
+                     callback=lambda step, row: stamps.append(time.perf_counter()), **options)
     times = [b - a for a, b in zip(stamps, stamps[1:])][1:]  # drop the first interval (warm-up)
     times.sort()
     return {"min": times[0], "median": times[len(times) // 2], "max": times[-1], "n": len(times)}

@@ -48,13 +48,10 @@ def pytest_configure(config):
 def make_model(model_id: str, dtype=torch.float32):
     """A model of the suite, on the --device of the run."""
     family, arch = model_id.split("-", 1)
-    if family == "hooked":
-        if not HAS_HOOKED:
-            if arch in NO_BRIDGE_TWIN:
-                pytest.skip(f"HookedTransformer was removed in transformer-lens 4 and {NO_BRIDGE_TWIN[arch]}")
-            return bridge_model(arch, dtype=dtype).to(DEVICE)
-        return hooked_model(arch, dtype=dtype).to(DEVICE)
-    return bridge_model(arch, dtype=dtype).to(DEVICE)
+    if family == "hooked" and not HAS_HOOKED and arch in NO_BRIDGE_TWIN:
+        pytest.skip(f"HookedTransformer was removed in transformer-lens 4 and {NO_BRIDGE_TWIN[arch]}")
+    hooked = family == "hooked" and HAS_HOOKED  # else the bridge twin
+    return (hooked_model(arch, dtype=dtype) if hooked else bridge_model(arch, dtype=dtype)).to(DEVICE)
 
 
 def small_problem(n=24, seq=6, seed=0):

@@ -15,7 +15,7 @@ from .errors import EdgePruneError
 from .graph import Graph
 from .hap import hap
 from .plots import plot_circuit, plot_curves, plot_history, plot_overlap
-from .report import write_report
+from .report import without_rounding_below_zero, write_report
 from .selection import faithfulness_curve
 from .tracr_models import EDGE_PRUNING_SETTINGS, TASKS, load_tracr
 
@@ -143,13 +143,12 @@ def run_local(model_dir: str, jsonl: str, methods: list[str], out: str, target: 
 
 
 def format_table(rows: list[dict], key: str) -> str:
-    """The results as text. KL and MSE are ≥ 0: a tiny negative value is float rounding and shows as 0. The
-    "canonical" column appears only where a ground truth exists (the Tracr demo)."""
+    """The results as text (rounding below 0 shown as 0). The "canonical" column appears only where a ground truth exists (the Tracr demo)."""
     canonical = any(r.get("canonical") is not None for r in rows)
     lines = [f"{'method':<14}{'edges':>7}{key.upper():>12}{'exact match':>13}{'time (s)':>10}"
              + ("  canonical" if canonical else "")]
     for r in rows:
-        value = 0.0 if -1e-5 < r[key] < 0 else r[key]
+        value = without_rounding_below_zero(r[key])
         line = f"{r['method']:<14}{r['edges']:>7}{value:>12.3g}{r['exact_match']:>13.3f}{r['seconds']:>10.1f}"
         lines.append(line + (f"  {'yes' if r['canonical'] else 'no'}" if canonical else ""))
     return "\n".join(lines)

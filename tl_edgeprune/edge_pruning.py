@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-import inspect
 import warnings
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Union
@@ -187,11 +186,11 @@ class EdgePruningResult:
                 **self.info}
 
 
-CONFIG_FIELDS = tuple(f.name for f in fields(EdgePruningConfig))
+CONFIG_DEFAULTS = {f.name: f.default for f in fields(EdgePruningConfig)}
 
 
 def _is_default(name: str, value: Any) -> bool:
-    default = inspect.signature(edge_pruning).parameters[name].default
+    default = CONFIG_DEFAULTS[name]
     return not isinstance(value, torch.Tensor) and type(value) is type(default) and value == default
 
 
@@ -324,7 +323,7 @@ def edge_pruning(
     A step whose loss or gradients are not finite stops the run before any update; its state is saved beside
     the checkpoint (or in a fresh temporary folder), never over it.
     """
-    settings = {name: value for name, value in locals().items() if name in CONFIG_FIELDS}
+    settings = {name: value for name, value in locals().items() if name in CONFIG_DEFAULTS}
     if config is None:
         cfg = EdgePruningConfig(**settings)
     elif not isinstance(config, EdgePruningConfig):

@@ -19,6 +19,14 @@ class HookFiringError(RuntimeError):
     """A hook fired a wrong number of times: the model's forward did not go where the graph says."""
 
 
+def nearest_name(name: str, names) -> str | None:
+    """The closest of ``names`` to a misspelt ``name`` (for "did you mean ...?"), or None."""
+    import difflib
+
+    close = difflib.get_close_matches(name, list(names), n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
 def first_line(exc: BaseException) -> str:
     """The first line of an exception's message, without terminal escapes (torch's load errors carry some)."""
     import re

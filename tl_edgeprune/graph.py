@@ -13,7 +13,7 @@ from typing import Any, Literal, Sequence
 import torch
 from jaxtyping import Bool, Float
 
-from .errors import UnknownNameError
+from .errors import UnknownNameError, nearest_name
 
 InputNodes = Literal["separate", "merged"]
 
@@ -290,7 +290,5 @@ def edge_mask_from_names(graph: Graph, names: Sequence[str], dtype=torch.float32
 
 def _nearest(name: str, names: Sequence[str]) -> str:
     """" (did you mean 'a0.h1'?)" for the closest real name, or nothing."""
-    import difflib
-
-    close = difflib.get_close_matches(name, list(names), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+    close = nearest_name(name, names)
+    return f" (did you mean {close!r}?)" if close else ""

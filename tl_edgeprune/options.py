@@ -6,12 +6,11 @@ other libraries' names, so the common ones are mapped explicitly and the rest ma
 
 from __future__ import annotations
 
-import difflib
 import functools
 import inspect
 from typing import Any, Callable, TypeVar
 
-from .errors import EdgePruneError
+from .errors import EdgePruneError, nearest_name
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -44,8 +43,7 @@ def option_names(fn: Callable) -> list[str]:
 def suggestion(name: str, names: list[str]) -> str | None:
     if ALIASES.get(name) in names:
         return ALIASES[name]
-    close = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
-    return close[0] if close else None
+    return nearest_name(name, names)
 
 
 def checked_options(*forwards_to: Callable) -> Callable[[F], F]:
@@ -54,9 +52,10 @@ def checked_options(*forwards_to: Callable) -> Callable[[F], F]:
     def decorate(fn: F) -> F:
         fn.__forwards_options_to__ = forwards_to  # type: ignore[attr-defined]
 
+        names = option_names(fn)
+
         @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            names = option_names(fn)
             unknown = [k for k in kwargs if k not in names]
             if unknown:
                 hints = []

@@ -57,9 +57,14 @@ def versions() -> dict[str, str]:
     return out
 
 
+def without_rounding_below_zero(value: float) -> float:
+    """KL and MSE are ≥ 0: a tiny negative value is float rounding, and is shown as 0."""
+    return 0.0 if -1e-5 < value < 0 else value
+
+
 def _cell(value: Any) -> str:
     if isinstance(value, float):
-        shown = "0" if -1e-5 < value < 0 else f"{value:.4g}"  # KL/MSE ≥ 0: below 0 is rounding
+        shown = f"{without_rounding_below_zero(value):.4g}"
         return f"<td data-value='{value!r}'>{shown}</td>"
     if isinstance(value, bool):
         return f"<td>{'yes' if value else 'no'}</td>"

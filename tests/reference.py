@@ -117,3 +117,57 @@ def eap_scores(model, graph, clean, counterfactual_outputs, metric) -> torch.Ten
         d = writer_output(model, clean_cache, graph.writers[w]) - counterfactual_outputs(graph.writers[w])
         scores[w, r] = (d.double() * g.double()).sum()
     return scores
+
+
+def patch_one_edge_at(model, clean, counterfactual_outputs, edge: str, at: torch.Tensor) -> torch.Tensor:
+    """Logits with one edge w->r patched at the positions ``at`` ([batch, pos] bool) only: r's input there gets ỹ_w
+    instead of y_w; at every other position, and everywhere else, the clean run."""
+    writer, reader = edge.split("->")
+    names = writer_cache_names(model)
+    _, clean_cache = model.run_with_cache(clean, names_filter=lambda n: n in names)
+    delta = writer_output(model, clean_cache, writer) - counterfactual_outputs(writer)
+    delta = delta.expand(*clean.shape, delta.shape[-1]) * at[:, :, None].to(delta.dtype)
+    hook_name, slot = reader_hook_point(model, reader)
+
+    def patch(x, hook):
+        x = x.clone()
+        if slot is None:
+            x = x - delta
+        else:
+            x[:, :, slot] = x[:, :, slot] - delta
+        return x
+
+    with split_flags(model, mlp_in=not model.cfg.attn_only):
+        return model.run_with_hooks(clean, fwd_hooks=[(hook_name, patch)])
+
+
+def positional_eap_scores(model, graph, clean, counterfactual_outputs, metric, classes: torch.Tensor) -> torch.Tensor:
+    """Per-position EAP by hand: score(w->r@c) = Σ over the positions of class c of (y_w − ỹ_w)·∂metric/∂(input of r),
+    on a positional graph (reader names ``r@c``), from plain hooks."""
+    names = writer_cache_names(model)
+    _, clean_cache = model.run_with_cache(clean, names_filter=lambda n: n in names)
+    saved: dict[str, torch.Tensor] = {}
+
+    def keeper(name):
+        def keep(x, hook):
+            x = x.clone()
+            x.retain_grad()
+            saved[name] = x
+            return x
+
+        return keep
+
+    base_names = [r.split("@")[0] for r in graph.readers]
+    hook_names = sorted({reader_hook_point(model, r)[0] for r in base_names})
+    with split_flags(model, mlp_in=not model.cfg.attn_only):
+        logits = model.run_with_hooks(clean, fwd_hooks=[(n, keeper(n)) for n in hook_names])
+    metric(logits).backward()
+    scores = torch.zeros(graph.shape, dtype=torch.float64)
+    for w, r in graph.valid_mask().nonzero().tolist():
+        base, cls = graph.readers[r].split("@")
+        at = (classes == graph.position_classes.index(cls)).double()[:, :, None]
+        hook_name, slot = reader_hook_point(model, base)
+        g = saved[hook_name].grad if slot is None else saved[hook_name].grad[:, :, slot]
+        d = writer_output(model, clean_cache, graph.writers[w]) - counterfactual_outputs(graph.writers[w])
+        scores[w, r] = (d.double() * g.double() * at).sum()
+    return scores

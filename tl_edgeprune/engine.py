@@ -22,7 +22,7 @@ from .adapter import ModelAdapter, post_norm_message
 from .counterfactual import Counterfactual
 from .errors import EdgePruneError, HookFiringError, UnsupportedModelError
 from .graph import Graph, GraphSpec, InputNodes, ReaderGroup, WriterChunk
-from .mixing import BufferPool, DeltaBuffer, Window, mix_rest, mix_window, plan_windows, write
+from .mixing import BufferPool, DeltaBuffer, PositionLayout, Window, mix_rest, mix_window, plan_windows, write
 
 # Relative tolerance of the attach-time check that the residual stream is the sum of the writers.
 IDENTITY_TOL = {torch.float64: 1e-9, torch.float32: 1e-4}
@@ -59,6 +59,7 @@ class _Run:
         self.in_place: torch.Tensor | None = None  # single-use ỹ: the deltas overwrite it (mix mode)
         self.removes_nothing = False  # every mask 1 (EAP): the mixing's products are exactly 0
         self.logits_at: torch.Tensor | None = None  # [batch, pos] bool: unembed only these positions
+        self.layout: PositionLayout | None = None  # positional graph: positions sorted by class in the buffer
 
 
 class MaskedModel:
@@ -74,15 +75,18 @@ class MaskedModel:
         graph: Graph | None = None,
         *,
         input_nodes: InputNodes = "separate",
+        position_classes: Sequence[str] = (),
         check_identity: bool = True,
     ):
+        """``position_classes``: for a positional graph (when ``graph`` is not given), the names of the classes;
+        every masked forward then takes ``position_classes=`` [batch, pos] class indices."""
         self.adapter = ModelAdapter(model)
         self.model = model
         model_spec = GraphSpec.from_config(model.cfg)
         if graph is None:
-            graph = Graph.from_spec(model_spec, input_nodes)
+            graph = Graph.from_spec(model_spec, input_nodes, position_classes)
         elif graph.spec != model_spec:
-            own = Graph.from_spec(model_spec, graph.input_nodes)
+            own = Graph.from_spec(model_spec, graph.input_nodes, graph.position_classes)
             if not own.same_structure(graph):
                 raise EdgePruneError(
                     f"the graph was built for {graph.spec} but the model is {model_spec}; build it with "
@@ -219,8 +223,12 @@ class MaskedModel:
         attention_mask: Int[torch.Tensor, "batch pos"] | None = None,
         fixed_deltas: Float[torch.Tensor, "writer batch pos d_model"] | None = None,
         logits_at: Bool[torch.Tensor, "batch pos"] | None = None,
+        position_classes: Int[torch.Tensor, "batch pos"] | None = None,
     ) -> Float[torch.Tensor, "batch pos vocab"]:
         """Logits of the masked forward. Masks: float (gradients flow) or bool; None means all ones.
+
+        ``position_classes`` (positional graphs only, and required there): the class index of every position;
+        reader column ``r@c`` mixes at the positions of class c only.
 
         ``fixed_deltas`` replaces ``y − ỹ`` by given values (no gradient through them): the mask gradient is
         then ``fixed_delta · ∂metric/∂reader_in`` whatever the input, which is what EAP-IG averages.
@@ -232,6 +240,7 @@ class MaskedModel:
         tokens = self._check_tokens(tokens, "tokens")
         attention_mask = self._check_attention_mask(attention_mask, tokens)
         logits_at = self._check_logits_at(logits_at, tokens)
+        layout = self._position_layout(position_classes, tokens)
         if not isinstance(counterfactual, Counterfactual):
             raise EdgePruneError(
                 "counterfactual must come from mm.interchange(corrupted), mm.mean(reference) or mm.zero(), "
@@ -250,6 +259,7 @@ class MaskedModel:
             cf = cf.to(device=self.device, dtype=removal.dtype)
         run = _Run("mix", len(self.graph.writer_chunks), removal=removal, cf_values=cf)
         run.removes_nothing = removal.device.type != "meta" and not bool(removal.detach().any())  # meta: no values
+        run.layout = layout
         if counterfactual.single_use and fixed_deltas is None:
             counterfactual.spent = True  # before the forward: an exception midway leaves it half overwritten
             if cf is not None and cf.is_contiguous() and cf.shape[1:3] == tokens.shape:
@@ -258,7 +268,7 @@ class MaskedModel:
             expected = (self.graph.n_writers, *tokens.shape, self.graph.spec.d_model)
             if tuple(fixed_deltas.shape) != expected:
                 raise EdgePruneError(f"fixed_deltas must have shape {list(expected)}, got {list(fixed_deltas.shape)}")
-            run.buffer = DeltaBuffer.fixed(fixed_deltas.detach().to(device=self.device, dtype=removal.dtype))
+            run.buffer = DeltaBuffer.fixed(fixed_deltas.detach().to(device=self.device, dtype=removal.dtype), layout)
             run.buffer.coef_zero = run.removes_nothing
             run.fixed_deltas = True
         run.logits_at = logits_at
@@ -543,6 +553,7 @@ class MaskedModel:
                 if run.mode == "mix":  # capture buffers are handed to the caller: never reused
                     run.buffer = self._pool.buffer(self.graph.n_writers, y.shape[1:], y.dtype, y.device, run.in_place)
                     run.buffer.coef_zero = run.removes_nothing
+                    run.buffer.layout = run.layout
                 else:
                     run.buffer = DeltaBuffer(self.graph.n_writers, y.shape[1:], y.dtype, y.device)
             cf = None
@@ -578,6 +589,8 @@ class MaskedModel:
             if part is None:  # this hook fired twice: _check_firings reports it after the forward
                 return None
             # part = −Σ_j (1 − z_jr)(y_j − ỹ_j): added, so backward needs no negation pass
+            if run.layout is not None:  # stored sorted by position class: back to the model's order
+                part = run.layout.to_model(part)
             if per_head:
                 mixed = activation + einops.rearrange(part, "reader b p d -> b p reader d")
             else:
@@ -601,7 +614,7 @@ class MaskedModel:
             self._mix_window(run, window)
         if group_index not in run.mixes:
             group = self.graph.reader_groups[group_index]
-            coef = -run.removal[window.prefix : group.n_writers, group.start : group.stop]
+            coef = self._coef(run, window.prefix, group.n_writers, group.start, group.stop)
             offset = window.offsets[window.groups.index(group_index)]
             run.mixes[group_index] = list(
                 mix_rest(coef, run.window_tokens[window.index], run.buffer, window, offset, group.n_writers,
@@ -613,7 +626,7 @@ class MaskedModel:
         """One GEMM over the window's shared prefix: the parts of the groups that read only that prefix now,
         the others' share of it kept for when they are read."""
         groups = [self.graph.reader_groups[g] for g in window.groups]
-        coef = -run.removal[: window.prefix, groups[0].start : groups[-1].stop]  # exact: IEEE negation is lossless
+        coef = self._coef(run, 0, window.prefix, groups[0].start, groups[-1].stop)
         leading = [(g, group) for g, group in zip(window.groups, groups) if group.n_writers == window.prefix]
         sizes = [size for _, group in leading for size in self._part_sizes(group)]
         parts, run.window_tokens[window.index] = mix_window(coef, run.buffer, window, sizes,
@@ -622,6 +635,51 @@ class MaskedModel:
         parts = iter(parts)
         for g, group in leading:
             run.mixes[g] = [next(parts) for _ in self._part_sizes(group)]
+
+    def _coef(self, run: _Run, w0: int, w1: int, r0: int, r1: int) -> torch.Tensor:
+        """−(1 − z) of writers [w0, w1) into base readers [r0, r1), as [class, writer, reader]: a view of the
+        removal matrix's class-major columns (exact: IEEE negation is lossless)."""
+        n_classes = self.graph.n_classes
+        removal = run.removal.view(run.removal.shape[0], n_classes, -1)
+        return -removal[w0:w1, :, r0:r1].permute(1, 0, 2)
+
+    def position_classes_of(self, batch: Any) -> torch.Tensor | None:
+        """A batch's position classes if this graph is positional (``None`` for the ordinary graph)."""
+        if not self.graph.positional:
+            return None
+        classes = getattr(batch, "position_classes", None)
+        names = getattr(batch, "position_names", None)
+        if classes is None:
+            raise EdgePruneError(
+                f"the graph is positional ({list(self.graph.position_classes)}) but the data has no position classes: "
+                "use a task generator (tasks.ioi, ...) or paired_data(..., position_classes=, position_names=)")
+        if names is not None and tuple(names) != self.graph.position_classes:
+            raise EdgePruneError(f"the data's position classes {list(names)} are not the graph's "
+                                 f"{list(self.graph.position_classes)}: circuits apply to data of the same classes")
+        return classes
+
+    def _position_layout(self, classes: Any, tokens: torch.Tensor) -> PositionLayout | None:
+        graph = self.graph
+        if classes is None:
+            if graph.positional:
+                raise EdgePruneError(
+                    f"this graph is positional ({list(graph.position_classes)}): pass position_classes= (the class "
+                    "index of every position, [batch, pos]; data.position_classes) to every masked forward")
+            return None
+        if not graph.positional:
+            raise EdgePruneError("position_classes were given but the graph has none: build the MaskedModel with "
+                                 "position_classes=[names] (Graph.from_model(model, position_classes=...))")
+        if (not isinstance(classes, torch.Tensor) or classes.dtype not in (torch.int64, torch.int32)
+                or tuple(classes.shape) != tuple(tokens.shape)):
+            raise EdgePruneError(f"position_classes must be an integer tensor of the tokens' shape {list(tokens.shape)}, "
+                                 f"got {_describe(classes)}")
+        classes = classes.to(self.device, torch.long)
+        if classes.device.type != "meta":
+            lo, hi = int(classes.min()), int(classes.max())
+            if lo < 0 or hi >= graph.n_classes:
+                raise EdgePruneError(f"position_classes hold indices in [{lo}, {hi}] but the graph has {graph.n_classes} "
+                                     f"classes {list(graph.position_classes)}")
+        return PositionLayout.from_classes(classes, graph.n_classes)
 
     def _part_sizes(self, group: ReaderGroup) -> list[int]:
         return [size for _, _, size, _ in self._reader_parts(group)]

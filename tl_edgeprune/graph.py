@@ -6,6 +6,7 @@ order, which is what lets the engine mix each reader group with a few dense cont
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 from typing import Any, Literal, Sequence
@@ -13,7 +14,7 @@ from typing import Any, Literal, Sequence
 import torch
 from jaxtyping import Bool, Float
 
-from .errors import UnknownNameError, nearest_name
+from .errors import EdgePruneError, UnknownNameError, nearest_name
 
 InputNodes = Literal["separate", "merged"]
 
@@ -81,6 +82,11 @@ class Graph:
     Names: writers ``tok``/``pos`` (or ``input``), ``a{l}.h{h}``, ``m{l}``; readers ``a{l}.h{h}<q>``,
     ``a{l}.h{h}<k>``/``<v>`` (``a{l}.kv{g}<k>`` under grouped-query attention), ``m{l}``, ``logits``;
     edges ``writer->reader``.
+
+    A *positional* graph (``position_classes`` named) has one copy of every reader per class of positions,
+    ``a2.h3<q>@END``: that reader column mixes only at the positions of class END. Columns are class-major,
+    ``[class, base reader]``, so class c's columns are ``c·n_base_readers + [0, n_base_readers)``; ``reader_groups``
+    describe the base readers (one class) and are shared by every class.
     """
 
     spec: GraphSpec
@@ -89,21 +95,28 @@ class Graph:
     readers: tuple[str, ...]
     writer_chunks: tuple[WriterChunk, ...]
     reader_groups: tuple[ReaderGroup, ...]
+    position_classes: tuple[str, ...]
     _writer_index: dict[str, int] = field(repr=False, compare=False)
     _reader_index: dict[str, int] = field(repr=False, compare=False)
 
     # ---------------------------------------------------------------- construction
     @classmethod
-    def from_config(cls, cfg: Any, input_nodes: InputNodes = "separate") -> "Graph":
+    def from_config(cls, cfg: Any, input_nodes: InputNodes = "separate",
+                    position_classes: Sequence[str] = ()) -> "Graph":
         spec = cfg if isinstance(cfg, GraphSpec) else GraphSpec.from_config(cfg)
-        return cls.from_spec(spec, input_nodes)
+        return cls.from_spec(spec, input_nodes, position_classes)
 
     @classmethod
-    def from_model(cls, model: Any, input_nodes: InputNodes = "separate") -> "Graph":
-        return cls.from_config(model.cfg, input_nodes)
+    def from_model(cls, model: Any, input_nodes: InputNodes = "separate",
+                   position_classes: Sequence[str] = ()) -> "Graph":
+        """``position_classes``: names of the classes of positions (e.g. a task's ``data.position_names``) for a
+        positional graph; empty for the ordinary one."""
+        return cls.from_config(model.cfg, input_nodes, position_classes)
 
     @classmethod
-    def from_spec(cls, spec: GraphSpec, input_nodes: InputNodes = "separate") -> "Graph":
+    def from_spec(cls, spec: GraphSpec, input_nodes: InputNodes = "separate",
+                  position_classes: Sequence[str] = ()) -> "Graph":
+        classes = check_position_classes(position_classes)
         if input_nodes not in ("separate", "merged"):
             raise ValueError(f"input_nodes must be 'separate' or 'merged', got {input_nodes!r}")
         H, G, L = spec.n_heads, spec.n_kv_heads, spec.n_layers
@@ -144,6 +157,8 @@ class Graph:
                 add_chunk("mlp", layer, [f"m{layer}"])
         groups.append(ReaderGroup("logits", L, len(readers), len(readers) + 1, len(writers)))
         readers.append("logits")
+        if classes:
+            readers = [f"{name}@{c}" for c in classes for name in readers]
         return cls(
             spec=spec,
             input_nodes=input_nodes,
@@ -151,6 +166,7 @@ class Graph:
             readers=tuple(readers),
             writer_chunks=tuple(chunks),
             reader_groups=tuple(groups),
+            position_classes=classes,
             _writer_index={n: i for i, n in enumerate(writers)},
             _reader_index={n: i for i, n in enumerate(readers)},
         )
@@ -168,16 +184,40 @@ class Graph:
     def shape(self) -> tuple[int, int]:
         return (self.n_writers, self.n_readers)
 
+    @property
+    def positional(self) -> bool:
+        return bool(self.position_classes)
+
+    @property
+    def n_classes(self) -> int:
+        """Copies of each reader: the number of position classes, 1 for the ordinary graph."""
+        return max(1, len(self.position_classes))
+
+    @property
+    def n_base_readers(self) -> int:
+        return self.n_readers // self.n_classes
+
+    def reader_class(self, reader: int) -> int:
+        """The position class of a reader column (0 in the ordinary graph)."""
+        return reader // self.n_base_readers
+
+    def reader_columns(self, group: ReaderGroup) -> list[int]:
+        """Every column of a reader group, class by class."""
+        base = self.n_base_readers
+        return [c * base + r for c in range(self.n_classes) for r in range(group.start, group.stop)]
+
     def valid_mask(self, device: torch.device | str | None = None) -> Bool[torch.Tensor, "writer reader"]:
-        """True where an edge exists: each reader group reads a prefix of the writers."""
+        """True where an edge exists: each reader group reads a prefix of the writers (in every class)."""
         valid = torch.zeros(self.shape, dtype=torch.bool, device=device)
-        for group in self.reader_groups:
-            valid[: group.n_writers, group.start : group.stop] = True
+        base = self.n_base_readers
+        for c in range(self.n_classes):
+            for group in self.reader_groups:
+                valid[: group.n_writers, c * base + group.start : c * base + group.stop] = True
         return valid
 
     @property
     def n_edges(self) -> int:
-        return sum(g.n_writers * (g.stop - g.start) for g in self.reader_groups)
+        return self.n_classes * sum(g.n_writers * (g.stop - g.start) for g in self.reader_groups)
 
     def ones(self, dtype=torch.float32, device=None) -> Float[torch.Tensor, "writer reader"]:
         """A full-circuit mask (1 on every edge); entries off the valid mask are ignored by the engine."""
@@ -221,21 +261,27 @@ class Graph:
         return [self.edge_name(w, r) for w, r in idx]
 
     def _group_of(self, reader: int) -> ReaderGroup:
+        base = reader % self.n_base_readers
         for group in self.reader_groups:
-            if group.start <= reader < group.stop:
+            if group.start <= base < group.stop:
                 return group
         raise IndexError(reader)
 
     # ---------------------------------------------------------------- node structure
     def reader_node(self, reader: str) -> str:
-        """The node a reader belongs to: ``a1.h2<q>`` -> ``a1.h2``; k/v of a KV group -> ``a1.kv0``."""
-        return re.sub(r"<[qkv]>$", "", reader)
+        """The node a reader belongs to: ``a1.h2<q>`` (or ``a1.h2<q>@END``) -> ``a1.h2``; k/v of a KV group ->
+        ``a1.kv0``."""
+        return re.sub(r"<[qkv]>$", "", base_reader_name(reader))
 
     def node_of_writer(self, writer: int) -> str:
         return self.writers[writer]
 
     def readers_of_node(self, node: str) -> list[int]:
-        """Reader columns that feed node ``node`` (a head's q and its KV group's k/v; an MLP; logits)."""
+        """Reader columns that feed node ``node`` (a head's q and its KV group's k/v; an MLP; logits), in every
+        position class."""
+        if self.positional:
+            return [c * self.n_base_readers + r for c in range(self.n_classes)
+                    for r in self._base_graph().readers_of_node(node)]
         if node == "logits" or re.fullmatch(r"m\d+", node):
             return [self.reader_index(node)]
         m = re.fullmatch(r"a(\d+)\.h(\d+)", node)
@@ -251,7 +297,7 @@ class Graph:
 
     def reader_targets(self, reader: int) -> list[int]:
         """Writer rows fed by a reader column: a head (q), every head of a KV group (k/v), an MLP; [] for logits."""
-        name = self.readers[reader]
+        name = base_reader_name(self.readers[reader])
         if name == "logits":
             return []
         if name.startswith("m"):
@@ -270,14 +316,51 @@ class Graph:
                 and self.reader_groups == other.reader_groups and self.spec.d_model == other.spec.d_model)
 
     def compatible_with(self, other: "Graph") -> bool:
-        return self.spec == other.spec and self.input_nodes == other.input_nodes
+        return (self.spec == other.spec and self.input_nodes == other.input_nodes
+                and self.position_classes == other.position_classes)
+
+    @functools.cached_property
+    def _base(self) -> "Graph":
+        return Graph.from_spec(self.spec, self.input_nodes)
+
+    def _base_graph(self) -> "Graph":
+        """The same graph without position classes (one class)."""
+        return self._base if self.positional else self
+
+    def with_position_classes(self, position_classes: Sequence[str]) -> "Graph":
+        return Graph.from_spec(self.spec, self.input_nodes, position_classes)
 
     def __repr__(self) -> str:  # keep notebooks readable
         s = self.spec
+        classes = f", {self.n_classes} position classes {list(self.position_classes)}" if self.positional else ""
         return (
-            f"Graph({s.n_layers} layers x {s.n_heads} heads (kv {s.n_kv_heads}), input_nodes={self.input_nodes!r}, "
-            f"{self.n_writers} writers, {self.n_readers} readers, {self.n_edges} edges)"
+            f"Graph({s.n_layers} layers x {s.n_heads} heads (kv {s.n_kv_heads}), input_nodes={self.input_nodes!r}"
+            f"{classes}, {self.n_writers} writers, {self.n_readers} readers, {self.n_edges} edges)"
         )
+
+
+def base_reader_name(reader: str) -> str:
+    """``a2.h3<q>@END`` -> ``a2.h3<q>`` (the reader without its position class)."""
+    return reader.split("@", 1)[0]
+
+
+def check_position_classes(position_classes: Any) -> tuple[str, ...]:
+    """Distinct, non-empty names that cannot be confused with the rest of an edge name."""
+    if position_classes is None:
+        return ()
+    if isinstance(position_classes, str) or not all(isinstance(c, str) for c in position_classes):
+        raise EdgePruneError(f"position_classes must be a list of names such as ['IO', 'S1', 'S2', 'END', 'other'], "
+                             f"got {position_classes!r}")
+    classes = tuple(position_classes)
+    bad = [c for c in classes if not c or any(ch in c for ch in "@<>") or c != c.strip()]
+    if bad:
+        raise EdgePruneError(f"position class names must be non-empty and free of '@', '<', '>' and surrounding "
+                             f"spaces (they end edge names, 'a0.h1->m2@END'); got {bad}")
+    if len(set(classes)) != len(classes):
+        raise EdgePruneError(f"position class names must be distinct, got {list(classes)}")
+    if len(classes) == 1:
+        raise EdgePruneError(f"one position class {list(classes)} is the ordinary graph: pass no position_classes")
+    return classes
 
 
 def edge_mask_from_names(graph: Graph, names: Sequence[str], dtype=torch.float32, device=None) -> torch.Tensor:

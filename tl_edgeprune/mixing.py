@@ -9,6 +9,10 @@ group is what sets their cost. Autograd sees this through two Functions: ``write
 that links the writer into the graph, and ``mix`` takes the tokens of the rows it reads, so the autograd
 engine runs every reader's backward before its writers'. Gradients w.r.t. the deltas are accumulated in
 place into one buffer of the same size.
+
+Positional graphs (a coefficient per position class) keep the same GEMMs: the buffer stores positions sorted by
+class (``PositionLayout``), so each class is a contiguous run of columns, mixed with its own coefficients; the
+reader hooks put the mixed inputs back in the model's order.
 """
 
 from __future__ import annotations
@@ -19,6 +23,36 @@ from typing import Sequence
 
 import torch
 from torch.autograd import Function
+
+
+@dataclass(frozen=True)
+class PositionLayout:
+    """The flattened (batch, pos) axis sorted by position class: the buffer's row ``i`` holds position
+    ``order[i]``; ``inverse`` maps back. Class c occupies sorted positions ``segments[c]``."""
+
+    order: torch.Tensor  # [batch·pos] long
+    inverse: torch.Tensor  # [batch·pos] long
+    segments: tuple[tuple[int, int], ...]
+
+    @classmethod
+    def from_classes(cls, classes: torch.Tensor, n_classes: int) -> "PositionLayout":
+        flat = classes.reshape(-1)
+        order = torch.sort(flat, stable=True).indices
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(len(order), device=order.device)
+        counts = torch.bincount(flat, minlength=n_classes).tolist()  # one host sync per masked forward
+        ends = [sum(counts[: c + 1]) for c in range(n_classes)]
+        return cls(order, inverse, tuple(zip([0, *ends[:-1]], ends)))
+
+    def to_sorted(self, x: torch.Tensor) -> torch.Tensor:
+        """[n, batch, pos, d] in the model's order -> the same in class order."""
+        n, b, p, d = x.shape
+        return x.reshape(n, b * p, d).index_select(1, self.order).view(n, b, p, d)
+
+    def to_model(self, x: torch.Tensor) -> torch.Tensor:
+        """The inverse of ``to_sorted``."""
+        n, b, p, d = x.shape
+        return x.reshape(n, b * p, d).index_select(1, self.inverse).view(n, b, p, d)
 
 
 class DeltaBuffer:
@@ -41,13 +75,23 @@ class DeltaBuffer:
         # get no gradient, so only the mask gradient's GEMM runs (the others would read the buffer for zeros).
         self.coef_zero = False
         self.scratch_filled: dict[int, set[int]] = {}  # window -> offsets whose gradients are gathered
+        self.layout: PositionLayout | None = None  # positional graphs: positions stored sorted by class
+
+    def column_segments(self) -> list[tuple[int, int, int]]:
+        """(class, first, last) columns of each non-empty class in the [row, batch·pos·d_model] view."""
+        if self.layout is None:
+            return [(0, 0, self.values[0].numel())]
+        d = self.shape[-1]
+        return [(c, a * d, b * d) for c, (a, b) in enumerate(self.layout.segments) if b > a]
 
     @classmethod
-    def fixed(cls, values: torch.Tensor) -> "DeltaBuffer":
+    def fixed(cls, values: torch.Tensor, layout: PositionLayout | None = None) -> "DeltaBuffer":
         """A buffer holding given deltas (e.g. clean − corrupted for EAP-IG), not recomputed in the forward."""
+        values = values.contiguous() if layout is None else layout.to_sorted(values)
         buffer = cls(values.shape[0], values.shape[1:], values.dtype, values.device,
-                     slot=[values.contiguous(), None, None, None])
+                     slot=[values, None, None, None])
         buffer.written = [True] * values.shape[0]
+        buffer.layout = layout
         return buffer
 
     def rows(self, start: int, stop: int) -> torch.Tensor:
@@ -87,7 +131,8 @@ class DeltaBuffer:
         self.scratch_filled.pop(window, None)
 
     def accumulate_grad(self, start: int, stop: int, coef: torch.Tensor, grad_out: torch.Tensor) -> None:
-        """grad[start:stop] += coef·grad_out, assigning (not adding to zeros) rows no reader has reached yet."""
+        """grad[start:stop] += coef[c]·grad_out over each class c's columns, assigning (not adding to zeros) rows no
+        reader has reached yet. ``coef``: [class, stop − start, readers]."""
         if self.grad is None:
             if self.slot[1] is None:
                 self.slot[1] = torch.empty_like(self.values)
@@ -98,11 +143,13 @@ class DeltaBuffer:
             j = i + 1
             while j < stop and filled[j] == filled[i]:
                 j += 1
-            segment, c = rows[i - start : j - start], coef[i - start : j - start]
-            if filled[i]:
-                segment.addmm_(c, grad_out)
-            else:
-                torch.mm(c, grad_out, out=segment)
+            segment = rows[i - start : j - start]
+            for cls, a, b in self.column_segments():
+                c = coef[cls, i - start : j - start]
+                if filled[i]:
+                    segment[:, a:b].addmm_(c, grad_out[:, a:b])
+                else:
+                    torch.mm(c, grad_out[:, a:b], out=segment[:, a:b])
             i = j
         filled[start:stop] = [True] * (stop - start)
 
@@ -197,7 +244,11 @@ class _Write(Function):
     @staticmethod
     def forward(ctx, y, counterfactual, buffer: DeltaBuffer, start: int, stop: int):
         target = buffer.values[start:stop]
-        if counterfactual is None:
+        if buffer.layout is not None:  # positions sorted by class: y − ỹ first, then gathered into place
+            delta = y.expand(target.shape) if counterfactual is None else torch.sub(y.expand(target.shape), counterfactual)
+            n, b, p, d = target.shape
+            torch.index_select(delta.reshape(n, b * p, d), 1, buffer.layout.order, out=target.view(n, b * p, d))
+        elif counterfactual is None:
             target.copy_(y)
         else:  # y may lack the batch (a [1, pos, d_model] positional embedding): expand it, never resize target
             torch.sub(y.expand(target.shape), counterfactual, out=target)
@@ -206,7 +257,10 @@ class _Write(Function):
 
     @staticmethod
     def backward(ctx, _token_grad):
-        grad = _release(ctx).grad_rows(ctx.start, ctx.stop)
+        buffer = _release(ctx)
+        grad = buffer.grad_rows(ctx.start, ctx.stop)
+        if grad is not None and buffer.layout is not None:
+            grad = buffer.layout.to_model(grad)
         return grad, None, None, None, None
 
 
@@ -221,7 +275,9 @@ class _MixWindow(Function):
         if buffer.coef_zero:
             products.zero_()
         else:
-            torch.mm(coef.t(), buffer.rows(0, window.prefix), out=products.view(window.n_readers, -1))
+            out, rows = products.view(window.n_readers, -1), buffer.rows(0, window.prefix)
+            for c, a, b in buffer.column_segments():
+                torch.mm(coef[c].t(), rows[:, a:b], out=out[:, a:b])
         ctx.save_for_backward(coef)
         ctx.buffer, ctx.window, ctx.split_sizes, ctx.n_tokens = buffer, window, split_sizes, len(tokens)
         own = sum(split_sizes)
@@ -239,7 +295,7 @@ class _MixWindow(Function):
             if offset >= own and offset not in filled:  # a later group whose readers sent no gradient
                 grad_out[offset:end].zero_()
         flat = grad_out.view(window.n_readers, -1)
-        grad_coef = buffer.rows(0, window.prefix).mm(flat.t()) if ctx.needs_input_grad[0] else None
+        grad_coef = _coef_grad(buffer, buffer.rows(0, window.prefix), flat, coef) if ctx.needs_input_grad[0] else None
         if any(ctx.needs_input_grad[4:]) and not buffer.coef_zero:
             buffer.accumulate_grad(0, window.prefix, coef, flat)
         buffer.scratch_read(window.index)
@@ -253,10 +309,12 @@ class _MixRest(Function):
     @staticmethod
     def forward(ctx, coef, window_token, buffer: DeltaBuffer, window: Window, offset: int, stop: int,
                 split_sizes: tuple[int, ...], *tokens):
-        n_out = coef.shape[1]
+        n_out = coef.shape[-1]
         products = buffer.window_products(window.index, window.n_readers)[offset : offset + n_out]
         if stop > window.prefix and not buffer.coef_zero:
-            products.view(n_out, -1).addmm_(coef.t(), buffer.rows(window.prefix, stop))
+            out, rows = products.view(n_out, -1), buffer.rows(window.prefix, stop)
+            for c, a, b in buffer.column_segments():
+                out[:, a:b].addmm_(coef[c].t(), rows[:, a:b])
         ctx.save_for_backward(coef)
         ctx.buffer, ctx.window, ctx.offset, ctx.stop = buffer, window, offset, stop
         ctx.split_sizes, ctx.n_tokens = split_sizes, len(tokens)
@@ -265,19 +323,30 @@ class _MixRest(Function):
     @staticmethod
     def backward(ctx, *part_grads):
         (coef,) = ctx.saved_tensors
-        buffer, window, n_out = _release(ctx), ctx.window, coef.shape[1]
+        buffer, window, n_out = _release(ctx), ctx.window, coef.shape[-1]
         grad_out = buffer.window_scratch(window.index, window.n_readers)[ctx.offset : ctx.offset + n_out]
         _gather(part_grads, grad_out, ctx.split_sizes)
         buffer.scratch_filled.setdefault(window.index, set()).add(ctx.offset)
         flat = grad_out.view(n_out, -1)
         grad_coef = None
         if ctx.needs_input_grad[0]:
-            grad_coef = buffer.rows(window.prefix, ctx.stop).mm(flat.t())
+            grad_coef = _coef_grad(buffer, buffer.rows(window.prefix, ctx.stop), flat, coef)
         if any(ctx.needs_input_grad[7:]) and not buffer.coef_zero:
             buffer.accumulate_grad(window.prefix, ctx.stop, coef, flat)
         window_token_grad = coef.new_zeros(()) if ctx.needs_input_grad[1] else None
         return (grad_coef, window_token_grad, None, None, None, None, None,
                 *(coef.new_zeros(()) for _ in range(ctx.n_tokens)))
+
+
+def _coef_grad(buffer: DeltaBuffer, rows: torch.Tensor, flat: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+    """∂/∂coef[c] = delta[:, class c's columns] · grad_out[:, the same]ᵀ, per class (0 for a class absent here)."""
+    segments = buffer.column_segments()
+    if len(segments) == 1 and coef.shape[0] == 1:
+        return rows.mm(flat.t()).unsqueeze(0)
+    grad = coef.new_zeros(coef.shape)
+    for c, a, b in segments:
+        torch.mm(rows[:, a:b], flat[:, a:b].t(), out=grad[c])
+    return grad
 
 
 def write(y: torch.Tensor, counterfactual: torch.Tensor | None, buffer: DeltaBuffer, start: int, stop: int):
@@ -288,7 +357,8 @@ def write(y: torch.Tensor, counterfactual: torch.Tensor | None, buffer: DeltaBuf
 
 def mix_window(coef: torch.Tensor, buffer: DeltaBuffer, window: Window, split_sizes: Sequence[int],
                tokens: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """``Σ_{j < prefix} coef[j, r]·delta_j`` for every reader of the window. Returns the parts (one
+    """``Σ_{j < prefix} coef[c(p), j, r]·delta_j`` for every reader of the window (``coef``: [class, writer,
+    reader]; one class for the ordinary graph). Returns the parts (one
     [reader, batch, pos, d_model] per split) of the groups that read only the prefix, and the window token."""
     *parts, token = _MixWindow.apply(coef, buffer, window, tuple(split_sizes), *tokens)
     return parts, token

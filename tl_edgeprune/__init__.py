@@ -8,7 +8,7 @@ from . import tasks
 
 from .circuit import Circuit, evaluate_circuits
 from .counterfactual import Counterfactual
-from .data import PairedData, ShardedData, as_data, paired_data
+from .data import PairedData, ShardedData, as_data, by_position, paired_data
 from .edge_pruning import EdgePruningConfig, EdgePruningResult, edge_pruning
 from .engine import MaskedModel, masked
 from .errors import EdgePruneError, HookFiringError, UnsupportedModelError
@@ -33,6 +33,7 @@ __all__ = [
     "PairedData",
     "ShardedData",
     "as_data",
+    "by_position",
     "UnsupportedModelError",
     "EdgeScores",
     "acdc",

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from .ablations import Ablation, counterfactual_source
 from .circuit import Circuit
-from .data import PairedData, as_data
+from .data import PairedData, as_data, position_names_for
 from .edge_pruning import frozen_parameters
 from .engine import MaskedModel
 from . import validation
@@ -41,19 +41,23 @@ def acdc(
     mean_reference: torch.Tensor | None = None,
     progress: bool = True,
     threads: int | None = None,
+    positional: bool = False,
 ) -> Circuit:
     """The ACDC circuit at threshold τ; ``circuit.scores`` holds each edge's metric change when tried.
 
     ``threads``: torch threads for the run (default: 1 for a small CPU model, else torch's setting; threads.py).
+    ``positional=True``: candidates are the edges of each position class of the data (a class's readers are
+    visited together, from the logits backwards).
     """
     validation.real("threshold", threshold, low=0.0, hint=" (τ: an edge is dropped when removing it changes the metric "
                     "by less than τ; NaN would keep every edge)")
     validation.integer("batch_size", batch_size, minimum=1)
     data = as_data(data)
+    classes = position_names_for(data, positional)
     objective = resolve_objective(metric)
     t0 = time.perf_counter()
     with torch.no_grad(), torch_threads(model, threads), frozen_parameters(model), \
-            MaskedModel(model, input_nodes=input_nodes) as mm:
+            MaskedModel(model, input_nodes=input_nodes, position_classes=classes) as mm:
         mm.check_data(data)
         graph = mm.graph
         source = counterfactual_source(mm, ablation, data, mean_reference)
@@ -66,7 +70,8 @@ def acdc(
         def score(mask: torch.Tensor) -> float:
             total = 0.0
             for batch, cf, full in batches:
-                logits = mm(batch.clean, cf, mask, attention_mask=batch.attention_mask)
+                logits = mm(batch.clean, cf, mask, attention_mask=batch.attention_mask,
+                            position_classes=mm.position_classes_of(batch))
                 total += float(objective(logits, full, batch)) * len(batch)
             return total / len(data)
 
@@ -74,7 +79,7 @@ def acdc(
         mask = valid.to(device=mm.device, dtype=torch.float32)
         tried = torch.zeros(graph.shape)
         current = score(mask)
-        order = [r for group in reversed(graph.reader_groups) for r in range(group.start, group.stop)]
+        order = [r for group in reversed(graph.reader_groups) for r in graph.reader_columns(group)]
         bar = tqdm(total=graph.n_edges, disable=not progress, desc=f"ACDC τ={threshold:g}")
         for r in order:
             for w in reversed(valid[:, r].nonzero().flatten().tolist()):

@@ -42,7 +42,8 @@ def run_identity(cfg: Any, graph: Any, model: Any, data: Any, objective: Any, ab
     """Everything that makes a resume meaningful, as plain types."""
     return {
         "settings": cfg.fingerprint(),
-        "graph": {**asdict(graph.spec), "input_nodes": graph.input_nodes},
+        "graph": {**asdict(graph.spec), "input_nodes": graph.input_nodes,
+                  **({"position_classes": list(graph.position_classes)} if graph.positional else {})},
         "model": {k: v for k, v in model_fingerprint(model).items() if k != "name"},  # a name may be a temp folder's
         "data": {"examples": len(data), "sha256": data_digest(data)},
         "objective": describe_callable(objective),

@@ -132,7 +132,8 @@ class Circuit:
         """Refuse a model of another shape, and (unless ``allow_other_model``) one whose weights differ from the
         model the circuit was found on: a circuit of one model evaluates on any model of its shape, meaninglessly."""
         spec = GraphSpec.from_config(model.cfg)
-        if spec != self.graph.spec and not Graph.from_spec(spec, self.graph.input_nodes).same_structure(self.graph):
+        own = Graph.from_spec(spec, self.graph.input_nodes, self.graph.position_classes)
+        if spec != self.graph.spec and not own.same_structure(self.graph):
             raise EdgePruneError(
                 f"this circuit was found on a model with {self.graph.spec} but the model given is {spec}; "
                 "a circuit only applies to a model of the same shape"
@@ -175,10 +176,12 @@ class Circuit:
         if self.nodes is not None:
             for i, name in enumerate(g.writers):
                 nodes[name]["kept"] = bool(self.nodes[i])
-        nodes["logits"] = {"in_graph": bool(eff[:, g.reader_index("logits")].any())}
+        nodes["logits"] = {"in_graph": bool(eff[:, g.readers_of_node("logits")].any())}
         spec = asdict(g.spec)
         cfg = {k: spec.pop(k) for k in ("n_layers", "n_heads", "parallel_attn_mlp", "d_model")} | spec
         cfg["input_nodes"] = g.input_nodes
+        if g.positional:  # not MIB: edges are named "writer->reader@class" (docs/api.md, positional circuits)
+            cfg["position_classes"] = list(g.position_classes)
         return {"cfg": cfg, "nodes": nodes, "edges": edges, "method": self.method, "info": _jsonable(self.info),
                 "model": self.model}
 
@@ -200,7 +203,8 @@ class Circuit:
         nodes = data.get("nodes", {})
         if not isinstance(nodes, dict):
             raise EdgePruneError(f"the circuit file's 'nodes' must be an object {{name: {{in_graph}}}}, got {_shape_of(nodes)}")
-        graph = Graph.from_spec(_spec_from_file(data["cfg"], nodes, data["edges"]), _input_nodes(data["cfg"], nodes, data["edges"]))
+        graph = Graph.from_spec(_spec_from_file(data["cfg"], nodes, data["edges"]), _input_nodes(data["cfg"], nodes, data["edges"]),
+                                _position_classes(data["cfg"], data["edges"]))
         edges = torch.zeros(graph.shape, dtype=torch.bool)
         scores = torch.zeros(graph.shape)
         for name, entry in data["edges"].items():
@@ -235,7 +239,10 @@ class Circuit:
         """``.json`` (MIB format) or ``.pt`` (tensors and plain types only, exact; loads with weights_only)."""
         if str(path).endswith((".json", ".json.gz")):
             return self.to_json(path)
-        payload = {"format": CIRCUIT_FORMAT, "cfg": {**asdict(self.graph.spec), "input_nodes": self.graph.input_nodes},
+        cfg = {**asdict(self.graph.spec), "input_nodes": self.graph.input_nodes}
+        if self.graph.positional:
+            cfg["position_classes"] = list(self.graph.position_classes)
+        payload = {"format": CIRCUIT_FORMAT, "cfg": cfg,
                    "edges": self.edges, "scores": self.scores, "nodes": self.nodes, "method": self.method,
                    "info": _jsonable(self.info), "model": self.model}
         atomic_write(path, lambda f: torch.save(payload, f))
@@ -258,7 +265,8 @@ class Circuit:
             raise EdgePruneError(f"{os.fspath(path)!r} is not a circuit saved by Circuit.save{hint}")
         cfg = dict(payload["cfg"])
         input_nodes = cfg.pop("input_nodes", "separate")
-        graph = Graph.from_spec(GraphSpec(**cfg), input_nodes)
+        classes = cfg.pop("position_classes", ())
+        graph = Graph.from_spec(GraphSpec(**cfg), input_nodes, classes)
         return cls(graph, payload["edges"], payload["scores"], payload["nodes"], payload["method"], payload["info"],
                    payload.get("model"))
 
@@ -295,6 +303,19 @@ def _spec_from_file(cfg: dict, nodes: dict, edges: dict) -> GraphSpec:
         )
     except (TypeError, ValueError) as exc:
         raise EdgePruneError(f"the circuit file's cfg is not readable: {exc}") from None
+
+
+def _position_classes(cfg: dict, edges: dict) -> tuple[str, ...]:
+    """A positional circuit's classes: in ``cfg`` (ours); a file whose edge names end in ``@class`` without them is
+    refused rather than read as unknown edges one by one."""
+    classes = cfg.get("position_classes")
+    if classes is None:
+        if any("@" in name for name in edges):
+            raise EdgePruneError("the file's edges are positional ('...@class') but its cfg has no position_classes list")
+        return ()
+    if not isinstance(classes, list):
+        raise EdgePruneError(f"the circuit file's cfg.position_classes must be a list of names, got {_shape_of(classes)}")
+    return tuple(classes)
 
 
 def _input_nodes(cfg: dict, nodes: dict, edges: dict) -> str:
@@ -363,7 +384,8 @@ def evaluate_masks(
             full = mm.full_logits(batch.clean, batch.attention_mask, at=at)
             full_answers = {f"full_{k}": v for k, v in answer_metrics(full, full, batch).items()}
             for mask, total in zip(masks, totals):
-                circuit = mm(batch.clean, cf, mask, attention_mask=batch.attention_mask, logits_at=at)
+                circuit = mm(batch.clean, cf, mask, attention_mask=batch.attention_mask, logits_at=at,
+                             position_classes=mm.position_classes_of(batch))
                 values = {
                     "kl": float(kl_divergence(circuit, full, batch)),
                     "mse": float(mean_squared_error(circuit, full, batch)),

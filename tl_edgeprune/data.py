@@ -26,6 +26,8 @@ class PairedData:
     answers: Int[torch.Tensor, " n"] | None = None
     distractors: Int[torch.Tensor, " n"] | None = None
     token_subset: Int[torch.Tensor, " k"] | None = None
+    position_classes: Int[torch.Tensor, "n pos"] | None = None  # class index of each position (positional graphs)
+    position_names: tuple[str, ...] | None = None  # the names of those classes
 
     def __len__(self) -> int:
         return int(self.clean.shape[0])
@@ -39,6 +41,8 @@ class PairedData:
             parts.append(f"padded ({int((self.attention_mask == 0).sum())} pad tokens)")
         if self.token_subset is not None:
             parts.append(f"{len(self.token_subset)} scored tokens")
+        if self.position_names is not None:
+            parts.append(f"position classes {list(self.position_names)}")
         return f"PairedData({', '.join(parts)})"
 
     def select(self, index: torch.Tensor | slice) -> "PairedData":
@@ -46,11 +50,12 @@ class PairedData:
         kw = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            kw[f.name] = value if (value is None or f.name == "token_subset") else value[index]
+            kw[f.name] = value if (value is None or f.name in SHARED_FIELDS) else value[index]
         return PairedData(**kw)
 
     def to(self, device) -> "PairedData":
-        return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self) if getattr(self, f.name) is not None})
+        return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)
+                                if isinstance(getattr(self, f.name), torch.Tensor)})
 
     def batches(self, batch_size: int, shuffle_seed: int | None = None) -> Iterator["PairedData"]:
         """One epoch of batches; shuffled deterministically from the seed when one is given."""
@@ -86,6 +91,14 @@ class ShardedData:
     def __post_init__(self) -> None:
         if not self.shards or not all(isinstance(s, PairedData) for s in self.shards):
             raise EdgePruneError("ShardedData needs a non-empty list of PairedData")
+        names = {s.position_names for s in self.shards}
+        if len(names) > 1:
+            raise EdgePruneError(f"the shards name different position classes {sorted(map(str, names))}: one graph "
+                                 "needs one set of classes (give every shard the same position_names)")
+
+    @property
+    def position_names(self) -> tuple[str, ...] | None:
+        return self.shards[0].position_names
 
     def __len__(self) -> int:
         return sum(len(s) for s in self.shards)
@@ -131,7 +144,8 @@ def as_data(source) -> PairedData | ShardedData:
                 f"batch {i} of the data is not a dict with 'clean' and 'corrupted' token ids; pass a PairedData "
                 "(tl_edgeprune.paired_data(clean, corrupted)) or a DataLoader of such dicts"
             )
-        extra = {k: batch[k] for k in ("positions", "attention_mask", "answers", "distractors", "token_subset") if k in batch}
+        extra = {k: batch[k] for k in ("positions", "attention_mask", "answers", "distractors", "token_subset",
+                                       "position_classes", "position_names") if k in batch}
         shards.append(paired_data(batch["clean"], batch["corrupted"], **extra))
     if not shards:
         raise EdgePruneError("the data loader yielded no batches")
@@ -147,13 +161,19 @@ def paired_data(
     distractors: torch.Tensor | None = None,
     token_subset: torch.Tensor | list[int] | None = None,
     corrupted_attention_mask: torch.Tensor | None = None,
+    position_classes: torch.Tensor | None = None,
+    position_names: list[str] | tuple[str, ...] | None = None,
 ) -> PairedData:
     """Validate and bundle a dataset. ``positions``: "last" (last real token), "all" (every real token but
     the first, i.e. BOS), "all_with_bos", a LongTensor [n] of per-example positions, or a bool mask [n, pos].
 
     One ``attention_mask`` serves clean and corrupted prompts, so their real tokens must line up: a
     ``corrupted_attention_mask`` that differs, or corrupted tokens where the clean prompt is padding, is refused.
-    Ids are checked against the model's vocabulary when a method starts (``MaskedModel.check_data``)."""
+    Ids are checked against the model's vocabulary when a method starts (``MaskedModel.check_data``).
+
+    ``position_classes`` [n, pos] (class indices) and ``position_names`` (one name per class) make the data usable
+    for positional circuits (``positional=True``); the task generators provide them (IOI: IO, S1, S2, END, other),
+    and ``by_position(data)`` makes every position of fixed-length data its own class."""
     for name, t in (("clean", clean), ("corrupted", corrupted)):
         if not isinstance(t, torch.Tensor) or t.dtype not in (torch.int64, torch.int32) or t.dim() != 2:
             raise EdgePruneError(f"{name} must be token ids of shape [n, pos] (LongTensor), got {_describe(t)}")
@@ -213,8 +233,60 @@ def paired_data(
             raise EdgePruneError(f"token_subset must be a non-empty list of token ids, got {_describe(token_subset)}")
         _check_ids("token_subset", token_subset)
         token_subset = token_subset.long()
+    classes, names = _check_position_classes(position_classes, position_names, clean)
     return PairedData(clean.long(), corrupted.long(), mask, attention_mask, answers if answers is None else answers.long(),
-                      distractors if distractors is None else distractors.long(), token_subset)
+                      distractors if distractors is None else distractors.long(), token_subset, classes, names)
+
+
+SHARED_FIELDS = ("token_subset", "position_names")  # the same for every example: not indexed by select()
+
+
+def _check_position_classes(classes, names, clean) -> tuple[torch.Tensor | None, tuple[str, ...] | None]:
+    from .graph import check_position_classes
+
+    if classes is None and names is None:
+        return None, None
+    if classes is None or names is None:
+        raise EdgePruneError("position_classes (a class index per position, [n, pos]) and position_names (one name per "
+                             "class) go together: pass both")
+    names = check_position_classes(names)
+    if not names:
+        raise EdgePruneError("position_names is empty: name at least two classes")
+    if not isinstance(classes, torch.Tensor) or classes.dtype not in INTEGER_DTYPES or classes.shape != clean.shape:
+        raise EdgePruneError(f"position_classes must be integer class indices of the tokens' shape {list(clean.shape)}, "
+                             f"got {_describe(classes)}")
+    lo, hi = int(classes.min()), int(classes.max())
+    if lo < 0 or hi >= len(names):
+        raise EdgePruneError(f"position_classes hold [{lo}, {hi}] but there are {len(names)} position_names {list(names)}")
+    return classes.long(), names
+
+
+def position_names_for(data: "PairedData | ShardedData", positional: bool) -> tuple[str, ...]:
+    """The position classes a method's graph gets: the data's when ``positional``, none otherwise."""
+    if not isinstance(positional, bool):
+        raise EdgePruneError(f"positional must be True or False, got {positional!r}")
+    if not positional:
+        return ()
+    if data.position_names is None:
+        raise EdgePruneError("positional=True needs data with position classes: the task generators provide them "
+                             "(tasks.ioi(...).data: IO, S1, S2, END, other), by_position(data) makes each position of "
+                             "fixed-length data a class, or pass paired_data(..., position_classes=, position_names=)")
+    return tuple(data.position_names)
+
+
+def by_position(data: PairedData, names: list[str] | None = None) -> PairedData:
+    """Fixed-length data with every position its own class (``p0``, ``p1``, … or ``names``): the positional graph of
+    auto-circuit and TransformerLens's tool. Prompts must share one length (no padding)."""
+    if isinstance(data, ShardedData) or data.attention_mask is not None and not bool(data.attention_mask.bool().all()):
+        raise EdgePruneError("by_position needs prompts of one length (no padding, one shard): position i means the "
+                             "same thing in every prompt only then. Use named position classes for prompts of "
+                             "different lengths (paired_data(..., position_classes=, position_names=)).")
+    n, width = data.clean.shape
+    names = tuple(names) if names is not None else tuple(f"p{i}" for i in range(width))
+    if len(names) != width:
+        raise EdgePruneError(f"by_position: {len(names)} names for {width} positions")
+    classes = torch.arange(width).expand(n, width).clone()
+    return replace(data, position_classes=classes, position_names=_check_position_classes(classes, names, data.clean)[1])
 
 
 INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from .ablations import Ablation, counterfactual_source
 from .circuit import Circuit
-from .data import PairedData, as_data
+from .data import PairedData, as_data, position_names_for
 from .edge_pruning import frozen_parameters
 from .engine import MaskedModel
 from . import validation
@@ -92,6 +92,7 @@ def eap(
     threads: int | None = None,
     ig_grid: str = "right",
     gradient_at: str = "clean",
+    positional: bool = False,
 ) -> EdgeScores:
     """EAP scores for every edge (``ig_steps=m`` gives EAP-IG with m interpolation steps).
 
@@ -100,6 +101,8 @@ def eap(
     ``gradient_at="corrupted"``: the gradient is taken on the corrupted run instead of the clean one (the
     "denoising" form of TransformerLens 4.3's attribution_patch), still times the clean − corrupted writer outputs.
     ``threads``: torch threads for the run (default: 1 for a small CPU model, else torch's setting; threads.py).
+    ``positional=True``: one score per edge and position class of the data (``a0.h1->a2.h3<q>@END``): the EAP
+    formula summed over that class's positions only.
     """
     validation.choice("ig_grid", ig_grid, ("right", "left"))
     validation.choice("gradient_at", gradient_at, ("clean", "corrupted"))
@@ -107,6 +110,7 @@ def eap(
         raise EdgePruneError("gradient_at='corrupted' is plain EAP on the corrupted run; EAP-IG (ig_steps) already "
                              "integrates from the corrupted to the clean run: pass one of the two")
     data = as_data(data)
+    classes = position_names_for(data, positional)
     if ig_steps is not None:
         validation.integer("ig_steps", ig_steps, minimum=1)
     validation.integer("batch_size", batch_size, minimum=1)
@@ -114,7 +118,8 @@ def eap(
     if not callable(metric_fn):
         raise EdgePruneError(f"metric must be 'default' or a callable (logits, batch) -> scalar, got {metric!r}")
     t0 = time.perf_counter()
-    with torch_threads(model, threads), frozen_parameters(model), MaskedModel(model, input_nodes=input_nodes) as mm:
+    with torch_threads(model, threads), frozen_parameters(model), MaskedModel(model, input_nodes=input_nodes,
+                                                                                    position_classes=classes) as mm:
         mm.check_data(data)
         graph = mm.graph
         total = torch.zeros(graph.shape, dtype=torch.float64)
@@ -129,7 +134,8 @@ def eap(
             if gradient_at == "corrupted":  # one gradient at α = 0: the corrupted run, with the clean deltas
                 _integrated_gradients(mm, batch, cf, z, metric_fn, 1, "left")
             elif ig_steps is None:
-                metric_fn(mm(batch.clean, cf, z, attention_mask=batch.attention_mask), batch).backward()
+                metric_fn(mm(batch.clean, cf, z, attention_mask=batch.attention_mask,
+                             position_classes=mm.position_classes_of(batch)), batch).backward()
             else:
                 _integrated_gradients(mm, batch, cf, z, metric_fn, ig_steps, ig_grid)
             total += z.grad.detach().double().cpu() * len(batch)
@@ -139,6 +145,8 @@ def eap(
         method += " left grid"
     if gradient_at == "corrupted":
         method = "eap (gradient at corrupted)"
+    if positional:
+        method += " positional"
     return EdgeScores(graph, scores.float(), method, time.perf_counter() - t0, model_fingerprint(model))
 
 
@@ -159,5 +167,6 @@ def _integrated_gradients(mm: MaskedModel, batch: PairedData, cf, z: torch.Tenso
             return resid + shift  # clean embeddings → corrupted + α·(clean − corrupted)
 
         with mm.extra_hooks([("blocks.0.hook_resid_pre", interpolate)]):
-            logits = mm(batch.clean, cf, z, attention_mask=batch.attention_mask, fixed_deltas=deltas)
+            logits = mm(batch.clean, cf, z, attention_mask=batch.attention_mask, fixed_deltas=deltas,
+                        position_classes=mm.position_classes_of(batch))
         (metric_fn(logits, batch) / steps).backward()

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from . import checkpoint, validation
 from .ablations import Ablation, counterfactual_source
 from .circuit import Circuit
-from .data import PairedData, as_data
+from .data import PairedData, as_data, position_names_for
 from .engine import MaskedModel
 from .errors import EdgePruneError
 from .example_cache import ExampleCache
@@ -52,6 +52,7 @@ class EdgePruningConfig:
     ablation: Ablation = "interchange"
     seed: int = 0
     input_nodes: InputNodes = "separate"
+    positional: bool = False
     checkpoint_path: str | None = None
     checkpoint_every: int | None = None
     progress: bool = True
@@ -98,7 +99,7 @@ class EdgePruningConfig:
         v.choice("sparsity_from", self.sparsity_from, ("sampled", "expected"))
         v.choice("input_nodes", self.input_nodes, ("separate", "merged"))
         v.real("cache_gib", self.cache_gib, low=0.0, hint=" (0 turns the per-example cache off)")
-        for name in ("node_masks", "progress"):
+        for name in ("node_masks", "progress", "positional"):
             if not isinstance(getattr(self, name), bool):
                 raise EdgePruneError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.checkpoint_path is not None and not isinstance(self.checkpoint_path, (str, os.PathLike)):
@@ -126,6 +127,8 @@ class EdgePruningConfig:
         out = {k: getattr(self, k) for k in keep}
         if isinstance(self.init_log_alpha, torch.Tensor):
             out["init_log_alpha"] = "sha256:" + tensor_digest([self.init_log_alpha]).hexdigest()
+        if self.positional:  # only when set: checkpoints of ordinary runs keep their identity
+            out["positional"] = True
         return out
 
 
@@ -175,7 +178,8 @@ class EdgePruningResult:
         identity = state["identity"]
         spec = dict(identity["graph"])
         input_nodes = spec.pop("input_nodes")
-        graph = Graph.from_spec(GraphSpec(**spec), input_nodes)
+        classes = spec.pop("position_classes", ())
+        graph = Graph.from_spec(GraphSpec(**spec), input_nodes, classes)
         config = EdgePruningConfig(**identity["settings"])
         return cls(graph=graph, edge_log_alpha=state["edge_log_alpha"], node_log_alpha=state["node_log_alpha"],
                    trainable=state["trainable"], history={k: list(v) for k, v in state["history"].items()},
@@ -271,6 +275,7 @@ def edge_pruning(
     objective: Union[str, Objective] = "kl",
     ablation: Ablation = "interchange",
     input_nodes: InputNodes = "separate",
+    positional: bool = False,
     node_masks: bool = True,
     sparsity_from: str = "expected",
     grad_clip: float | None = 1.0,
@@ -306,6 +311,8 @@ def edge_pruning(
         (circuit_logits, full_logits, batch) -> scalar to minimise.
     ablation: what a removed edge carries: "interchange" (corrupted run), "zero" or "mean".
     input_nodes: "separate" (tok and pos writers) or "merged" (one input node, as EAP-IG's graphs).
+    positional: learn one mask per edge and position class of the data (``a0.h1->a2.h3<q>@END``); the sparsity
+        counts every positional edge. The data must name its classes (tasks.ioi, by_position, paired_data).
     node_masks: also learn one gate per writer node (the reference does).
     sparsity_from: "expected" (Σ P(z>0), smooth in log α) or "sampled" (the reference's Σz).
     grad_clip: max gradient norm, None for none.
@@ -345,13 +352,14 @@ def edge_pruning(
     if callback is not None and not callable(callback):
         raise EdgePruneError(f"callback must be a function (step, row) -> None, got {type(callback).__name__}")
     data = as_data(data)
+    classes = position_names_for(data, cfg.positional)
     objective = resolve_objective(cfg.objective)
     if resume and not cfg.checkpoint_path:
         raise EdgePruneError("resume=True needs the checkpoint_path of the run to continue")
     t0 = time.perf_counter()
     rank, world = _data_parallel()
     with torch_threads(model, threads) as n_threads, frozen_parameters(model), \
-            MaskedModel(model, input_nodes=cfg.input_nodes) as mm:
+            MaskedModel(model, input_nodes=cfg.input_nodes, position_classes=classes) as mm:
         mm.check_data(data)
         graph, device = mm.graph, mm.device
         valid = graph.valid_mask()
@@ -432,7 +440,8 @@ def edge_pruning(
             z = edge_gates.sample(gen) * trainable_f
             nodes = node_gates.sample(gen) if node_gates is not None else None
             logits = mm(batch.clean, cf, z, nodes, attention_mask=batch.attention_mask,
-                        logits_at=batch.positions if scored_only else None)
+                        logits_at=batch.positions if scored_only else None,
+                        position_classes=mm.position_classes_of(batch))
             obj = objective(logits, full, batch)
             if cfg.sparsity_from == "sampled":
                 sparsity = 1 - z.sum() / graph.n_edges

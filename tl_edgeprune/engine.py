@@ -359,6 +359,7 @@ class MaskedModel:
         vocab, vocab_out, n_ctx = self.adapter.d_vocab, self.adapter.d_vocab_out, self.adapter.n_ctx
         offset = 0
         for shard in data.shards:
+            self.position_classes_of(shard)  # a positional graph needs the data's classes, of the same names
             if shard.clean.shape[1] > n_ctx:
                 raise EdgePruneError(f"examples {offset}..{offset + len(shard) - 1} have {shard.clean.shape[1]} "
                                      f"positions but the model's n_ctx is {n_ctx}: shorten the prompts")

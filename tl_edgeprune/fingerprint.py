@@ -61,6 +61,9 @@ def describe_difference(saved: dict, now: dict) -> str:
     return "; ".join(f"{k}: {saved.get(k)!r} then, {now.get(k)!r} now" for k in keys if saved.get(k) != now.get(k))
 
 
+POSITION_FIELDS = ("position_classes", "position_names")
+
+
 def data_digest(data: Any) -> str:
     """SHA-256 of every tensor of a PairedData or ShardedData (tokens, masks, positions, answers, ...)."""
     from dataclasses import fields
@@ -68,5 +71,9 @@ def data_digest(data: Any) -> str:
     digest = hashlib.sha256()
     for shard in data.shards:
         digest.update(b"<shard>")
-        tensor_digest([getattr(shard, f.name) for f in fields(shard)], digest)
+        # position classes enter only when present, so the digest of ordinary data (old checkpoints) is unchanged
+        tensor_digest([getattr(shard, f.name) for f in fields(shard) if f.name not in POSITION_FIELDS], digest)
+        if shard.position_names is not None:
+            digest.update(("<positions>" + "|".join(shard.position_names)).encode())
+            tensor_digest([shard.position_classes], digest)
     return digest.hexdigest()

@@ -38,7 +38,7 @@ def hap(
     The result's ``info`` holds the EAP and Edge Pruning times separately.
     """
     eap_options = dict(eap_options or {})
-    for shared in ("ablation", "input_nodes", "batch_size", "threads"):
+    for shared in ("ablation", "input_nodes", "batch_size", "threads", "positional"):
         if shared in edge_pruning_options and shared not in eap_options:
             eap_options[shared] = edge_pruning_options[shared]
     eap_options.setdefault("progress", edge_pruning_options.get("progress", True))

@@ -38,7 +38,8 @@ def greedy(graph: Graph, scores: torch.Tensor, k: int, absolute: bool = True, me
         for w in valid[:, r].nonzero().flatten().tolist():
             heapq.heappush(heap, (-float(key[w, r]), w, r))
 
-    open_reader(graph.reader_index("logits"))
+    for r in graph.readers_of_node("logits"):  # one per position class in a positional graph
+        open_reader(r)
     chosen = 0
     while chosen < k and heap:
         _, w, r = heapq.heappop(heap)

@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import torch
 
-from .data import PairedData, paired_data
+from .data import SHARED_FIELDS, PairedData, paired_data
 from . import validation
 from .errors import EdgePruneError
 
@@ -55,7 +55,7 @@ def _concat(a: PairedData, b: PairedData) -> PairedData:
     kw = {}
     for f in fields(a):
         x, y = getattr(a, f.name), getattr(b, f.name)
-        kw[f.name] = x if (x is None or f.name == "token_subset") else torch.cat([x, y])
+        kw[f.name] = x if (x is None or f.name in SHARED_FIELDS) else torch.cat([x, y])
     return PairedData(**kw)
 
 
@@ -89,11 +89,15 @@ def single_token(tokenizer: Any, word: str) -> int | None:
     return None
 
 
-def _tokenise_pairs(tokenizer: Any, clean: list[str], corrupted: list[str], prepend_bos: bool | None) -> tuple[list, list]:
-    """Token ids per prompt; each clean/corrupted pair must have the same length so positions align."""
+def _bos(tokenizer: Any, prepend_bos: bool | None) -> list[int]:
     if prepend_bos is None:
         prepend_bos = default_prepend_bos(tokenizer)
-    bos = [tokenizer.bos_token_id] if prepend_bos and tokenizer.bos_token_id is not None else []
+    return [tokenizer.bos_token_id] if prepend_bos and tokenizer.bos_token_id is not None else []
+
+
+def _tokenise_pairs(tokenizer: Any, clean: list[str], corrupted: list[str], prepend_bos: bool | None) -> tuple[list, list]:
+    """Token ids per prompt; each clean/corrupted pair must have the same length so positions align."""
+    bos = _bos(tokenizer, prepend_bos)
     rows_c, rows_x = [], []
     for i, (c, x) in enumerate(zip(clean, corrupted)):
         ci, xi = bos + _encode(tokenizer, c), bos + _encode(tokenizer, x)
@@ -119,6 +123,30 @@ def _bundle(tokenizer, clean, corrupted, answers, distractors, prepend_bos, toke
     return paired_data(torch.tensor(rows_c), torch.tensor(rows_x), positions="last", attention_mask=mask,
                        answers=None if answers is None else torch.tensor(answers),
                        distractors=None if distractors is None else torch.tensor(distractors), token_subset=token_subset)
+
+
+def _with_position_classes(data: PairedData, named: dict[str, torch.Tensor]) -> PairedData:
+    """Name classes of positions from [n, pos] bool masks (in order; "other" for every remaining position) for
+    positional circuits. Each named class must mark exactly one position per example, and no position twice."""
+    from dataclasses import replace
+
+    n, width = data.clean.shape
+    classes = torch.full((n, width), len(named), dtype=torch.long)
+    for index, (name, where) in enumerate(named.items()):
+        counts = where.sum(1)
+        if bool((counts != 1).any()):
+            row = int((counts != 1).nonzero()[0])
+            raise EdgePruneError(f"example {row}: position class {name!r} marks {int(counts[row])} positions, not one")
+        if bool((classes[where] != len(named)).any()):
+            raise EdgePruneError(f"position class {name!r} overlaps an earlier class")
+        classes[where] = index
+    return replace(data, position_classes=classes, position_names=(*named, "other"))
+
+
+def _nth(mask: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th True (0-based) of each row of a [n, pos] bool mask, as a one-hot mask."""
+    rank = mask.long().cumsum(1)
+    return mask & (rank == k + 1)
 
 
 def logit_difference(logits: torch.Tensor, batch: PairedData) -> torch.Tensor:
@@ -150,8 +178,11 @@ def ioi(tokenizer: Any, n: int = 100, seed: int = 0, names: list[str] | None = N
         corrupted.append(template.format(A=c, B=d, place=place, obj=obj))
         answers.append(pool[a])
         distractors.append(pool[b])
-    return _with_held_out(held_out, Task("ioi", clean, corrupted, _bundle(tokenizer, clean, corrupted, answers, distractors, prepend_bos),
-                logit_difference))
+    data = _bundle(tokenizer, clean, corrupted, answers, distractors, prepend_bos)
+    # Position classes for positional circuits: the indirect object, both subject mentions and the final token.
+    io, s = data.clean == data.answers[:, None], data.clean == data.distractors[:, None]
+    data = _with_position_classes(data, {"IO": _nth(io, 0), "S1": _nth(s, 0), "S2": _nth(s, 1), "END": data.positions})
+    return _with_held_out(held_out, Task("ioi", clean, corrupted, data, logit_difference))
 
 
 def greater_than(tokenizer: Any, n: int = 100, seed: int = 0, prepend_bos: bool | None = None, held_out: int = 0) -> Task:
@@ -169,6 +200,8 @@ def greater_than(tokenizer: Any, n: int = 100, seed: int = 0, prepend_bos: bool 
     corrupted = ["The war lasted from the year 1701 to the year 17" for _ in years]
     data = _bundle(tokenizer, clean, corrupted, None, None, prepend_bos, token_subset=digits)
     data.answers = torch.tensor(years)  # the threshold year YY, used by the metric below
+    # The year token YY (the one the corruption changes) and the final token.
+    data = _with_position_classes(data, {"YY": _nth(data.clean != data.corrupted, 0), "END": data.positions})
 
     def prob_diff(logits: torch.Tensor, batch: PairedData) -> torch.Tensor:
         from .metrics import _last_scored
@@ -199,13 +232,19 @@ def gendered_pronoun(tokenizer: Any, n: int = 100, seed: int = 0, prepend_bos: b
         corrupted.append(f"So {other} is a really great friend, isn't")
         answers.append(he if is_male else she)
         distractors.append(she if is_male else he)
-    return _with_held_out(held_out, Task("gendered_pronoun", clean, corrupted, _bundle(tokenizer, clean, corrupted, answers, distractors,
-                                                              prepend_bos), logit_difference))
+    data = _bundle(tokenizer, clean, corrupted, answers, distractors, prepend_bos)
+    # The name (the one token the corruption changes) and the final token.
+    data = _with_position_classes(data, {"NAME": _nth(data.clean != data.corrupted, 0), "END": data.positions})
+    return _with_held_out(held_out, Task("gendered_pronoun", clean, corrupted, data, logit_difference))
 
 
 def from_jsonl(tokenizer: Any, path: str, prepend_bos: bool | None = None, held_out: int = 0) -> Task:
-    """Lines of ``{"clean", "corrupted", "answer", "distractor"}``; answers are read at the last token."""
-    clean, corrupted, answers, distractors = [], [], [], []
+    """Lines of ``{"clean", "corrupted", "answer", "distractor"}``; answers are read at the last token.
+
+    An optional ``"positions": {"IO": 2, "END": -1}`` per line names classes of positions for positional circuits:
+    token indices into the prompt's tokens (BOS not counted; negative counts from the last token). Every line must
+    name the same classes; the remaining positions are class "other"."""
+    clean, corrupted, answers, distractors, named = [], [], [], [], []
     with open(path) as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -224,11 +263,38 @@ def from_jsonl(tokenizer: Any, path: str, prepend_bos: bool | None = None, held_
                 if ids[key] is None:
                     raise EdgePruneError(f"{path}:{lineno}: {key} {row[key]!r} is not a single token for this tokenizer "
                                          f"(it is {_encode(tokenizer, row[key])}); mind the leading space")
+            positions = row.get("positions")
+            if positions is not None and (not isinstance(positions, dict) or not all(
+                    isinstance(v, int) and not isinstance(v, bool) for v in positions.values())):
+                raise EdgePruneError(f"{path}:{lineno}: positions must map class names to token indices, "
+                                     f'e.g. {{"IO": 2, "END": -1}}; got {positions!r}')
+            if named and (positions is None) != (named[0][1] is None) or (
+                    positions is not None and named and list(positions) != list(named[0][1])):
+                raise EdgePruneError(f"{path}:{lineno}: every line must name the same position classes (line "
+                                     f"{named[0][0]} names {None if named[0][1] is None else list(named[0][1])})")
+            named.append((lineno, positions))
             clean.append(row["clean"])
             corrupted.append(row["corrupted"])
             answers.append(ids["answer"])
             distractors.append(ids["distractor"])
     if not clean:
         raise EdgePruneError(f"{path}: no examples")
-    return _with_held_out(held_out, Task("jsonl", clean, corrupted, _bundle(tokenizer, clean, corrupted, answers, distractors, prepend_bos),
-                logit_difference))
+    data = _bundle(tokenizer, clean, corrupted, answers, distractors, prepend_bos)
+    if named[0][1] is not None:
+        data = _with_position_classes(data, _jsonl_classes(data, named, len(_bos(tokenizer, prepend_bos)), path))
+    return _with_held_out(held_out, Task("jsonl", clean, corrupted, data, logit_difference))
+
+
+def _jsonl_classes(data: PairedData, named: list, n_bos: int, path: str) -> dict[str, torch.Tensor]:
+    """One-hot masks of the JSONL lines' named positions (token indices without BOS; negative from the end)."""
+    n, width = data.clean.shape
+    lengths = data.positions.long().argmax(1) + 1  # the last real token is the scored one
+    masks = {name: torch.zeros((n, width), dtype=torch.bool) for name in named[0][1]}
+    for row, (lineno, positions) in enumerate(named):
+        for name, index in positions.items():
+            at = int(lengths[row]) + index if index < 0 else n_bos + index
+            if not n_bos <= at < int(lengths[row]):
+                raise EdgePruneError(f"{path}:{lineno}: position {name!r} = {index} lies outside the prompt's "
+                                     f"{int(lengths[row]) - n_bos} tokens")
+            masks[name][row, at] = True
+    return masks

@@ -13,7 +13,7 @@ from typing import Sequence
 import plotly.graph_objects as go
 from .circuit import Circuit
 from .errors import EdgePruneError
-from .graph import Graph
+from .graph import Graph, base_reader_name
 
 KIND_COLORS = {"q": "#1f77b4", "k": "#2ca02c", "v": "#9467bd", "mlp": "#ff7f0e", "logits": "#d62728"}
 KIND_LABELS = {"q": "q input", "k": "k input", "v": "v input", "mlp": "MLP input", "logits": "logits"}
@@ -41,6 +41,7 @@ def node_positions(graph: Graph) -> dict[str, tuple[float, float]]:
 
 
 def _reader_kind(reader: str) -> str:
+    reader = base_reader_name(reader)  # a positional reader's kind is its base reader's
     if reader == "logits":
         return "logits"
     m = re.search(r"<([qkv])>$", reader)
@@ -155,6 +156,106 @@ def plot_circuit(
     _axes(fig, graph)
     fig.update_layout(title=title or f"{circuit.method or 'circuit'}: {circuit.n_edges} edges (sparsity {circuit.sparsity:.3f})"
                       + ("" if labelled else " — hover a node or edge for its name"))
+    return fig
+
+
+def _writer_stage(graph: Graph, name: str) -> float:
+    """x of a node in the positional figure: inputs 0, layer l's heads 2l+1, its MLP 2l+2, logits last."""
+    if name in ("tok", "pos", "input"):
+        return 0.0
+    if name == "logits":
+        return 2 * graph.spec.n_layers + 1.0
+    m = re.fullmatch(r"a(\d+)\.h\d+", name)
+    return 2 * int(m.group(1)) + 1.0 if m else 2 * int(name[1:]) + 2.0
+
+
+def _within_row(graph: Graph, name: str) -> float:
+    """A node's offset inside its position row: heads spread over [−0.35, 0.35], everything else at 0."""
+    m = re.fullmatch(r"a\d+\.h(\d+)", name)
+    if not m or graph.spec.n_heads == 1:
+        return 0.0
+    return -0.35 + 0.7 * int(m.group(1)) / (graph.spec.n_heads - 1)
+
+
+def plot_positional_circuit(
+    circuit: Circuit, data=None, tokens: Sequence[str] | None = None, example: int = 0, title: str | None = None,
+    max_width: float = 4.0,
+) -> go.Figure:
+    """A positional circuit: x = layer, y = position class (one row each, labelled with the token a reference prompt
+    has there when ``data`` and ``tokens`` are given: ``tokens`` are that example's token strings). An edge
+    ``w->r@c`` runs inside row c, from w to r; heads spread within a row by index. Hover gives names and scores."""
+    graph = circuit.graph
+    if not graph.positional:
+        raise EdgePruneError("plot_positional_circuit needs a positional circuit (positional=True); plot_circuit "
+                             "draws the others")
+    classes = graph.position_classes
+    labels = list(classes)
+    if data is not None and tokens is not None:
+        if data.position_classes is None or tuple(data.position_names or ()) != classes:
+            raise EdgePruneError(f"the data's position classes {data.position_names} are not the circuit's {list(classes)}")
+        row = data.position_classes[example].tolist()
+        if len(tokens) != len(row):
+            raise EdgePruneError(f"tokens has {len(tokens)} entries but example {example} has {len(row)} positions")
+        for c, name in enumerate(classes):
+            at = [i for i, k in enumerate(row) if k == c]
+            shown = repr(tokens[at[0]]) + (f" +{len(at) - 1}" if len(at) > 1 else "") if at else "(none)"
+            labels[c] = f"{name}: {shown}"
+    edges = circuit.effective_edges()
+    scores = circuit.scores.abs() if circuit.scores is not None else edges.float()
+    kept = scores[edges]
+    top = float(kept.max()) if kept.numel() and float(kept.max()) > 0 else 1.0
+    n = int(edges.sum())
+    opacity = 0.85 if n <= 60 else max(0.3, 0.85 * (60 / n) ** 0.35)
+    lines: dict[tuple[str, int], dict[str, list]] = {}
+    hovers: dict[str, dict[str, list]] = {}
+    nodes: dict[tuple[str, int], tuple[float, float]] = {}
+    for w, r in edges.nonzero().tolist():
+        c = graph.reader_class(r)
+        kind = _reader_kind(graph.readers[r])
+        writer, reader = graph.writers[w], _reader_node(graph, r)
+        x0, y0 = _writer_stage(graph, writer), c + _within_row(graph, writer)
+        x1, y1 = _writer_stage(graph, reader), c + _within_row(graph, reader)
+        nodes[(writer, c)], nodes[(reader, c)] = (x0, y0), (x1, y1)
+        width_bin = min(WIDTH_BINS - 1, int(float(scores[w, r]) / top * WIDTH_BINS))
+        line = lines.setdefault((kind, width_bin), {"x": [], "y": []})
+        line["x"] += [x0, x1, None]
+        line["y"] += [y0, y1, None]
+        hover = hovers.setdefault(kind, {"x": [], "y": [], "text": []})
+        hover["x"].append((x0 + x1) / 2)
+        hover["y"].append((y0 + y1) / 2)
+        hover["text"].append(f"{graph.edge_name(w, r)}<br>score {float(scores[w, r]):.4g}")
+    fig = go.Figure()
+    shown = set()
+    for (kind, width_bin), e in sorted(lines.items(), key=lambda kv: (list(KIND_COLORS).index(kv[0][0]), kv[0][1])):
+        fig.add_trace(go.Scattergl(
+            x=e["x"], y=e["y"], mode="lines", name=KIND_LABELS[kind], legendgroup=kind, showlegend=kind not in shown,
+            hoverinfo="skip", opacity=opacity,
+            line=dict(color=KIND_COLORS[kind], width=0.6 + (max_width - 0.6) * (width_bin + 1) / WIDTH_BINS),
+        ))
+        shown.add(kind)
+    for kind, e in hovers.items():
+        fig.add_trace(go.Scatter(x=e["x"], y=e["y"], mode="markers", text=e["text"], hoverinfo="text",
+                                 marker=dict(size=6, color=KIND_COLORS[kind], opacity=0.01), showlegend=False,
+                                 legendgroup=kind, name=f"{KIND_LABELS[kind]} hover"))
+    points = sorted(nodes.items())
+    fig.add_trace(go.Scatter(
+        x=[xy[0] for _, xy in points], y=[xy[1] for _, xy in points], mode="markers", name="nodes",
+        hovertext=[f"{name} at {classes[c]}" for (name, c), _ in points], hoverinfo="text",
+        marker=dict(size=7, color="#333", symbol=["circle" if name.startswith("a") else "square"
+                                                 for (name, _), _ in points]),
+    ))
+    n_layers = graph.spec.n_layers
+    x_ticks = [0] + [2 * l + 1.5 for l in range(n_layers)] + [2 * n_layers + 1]
+    x_labels = ["embed"] + [f"L{l}" for l in range(n_layers)] + ["logits"]
+    fig.update_layout(
+        title=title or f"{circuit.method or 'circuit'}: {circuit.n_edges} positional edges "
+                       f"(sparsity {circuit.sparsity:.4f}) — hover an edge for its name",
+        xaxis=dict(tickvals=x_ticks, ticktext=x_labels, title="layer", showgrid=False, zeroline=False),
+        yaxis=dict(tickvals=list(range(len(classes))), ticktext=labels, title="position class", autorange="reversed",
+                   zeroline=False),
+        height=max(360, 110 * len(classes) + 120), width=max(700, 45 * n_layers + 250), plot_bgcolor="white",
+        legend=dict(orientation="h", y=-0.12),
+    )
     return fig
 
 

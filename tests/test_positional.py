@@ -346,3 +346,12 @@ def test_positional_figure(tmp_path):
     assert min(ys) >= -0.5 and max(ys) <= 2.5  # every edge inside its class's row
     with pytest.raises(EdgePruneError, match="positional"):
         plot_positional_circuit(tep.eap(model, data, progress=False).circuit(k=5))
+
+
+def test_positional_hap_preselects_positional_edges():
+    model = make_model(DEFAULT_ID)
+    data = positional_data(model)
+    result = tep.hap(model, data, 0.95, keep=0.2, positional=True, steps=20, batch_size=8, progress=False)
+    assert result.graph.positional and int(result.trainable.sum()) == round(0.2 * result.graph.n_edges)
+    circuit = result.circuit()
+    assert bool((circuit.edges <= result.trainable).all())

@@ -154,3 +154,58 @@ def test_generators_fit_the_real_gpt2_tokenizer():
         assert task.data.clean.shape == task.data.corrupted.shape and len(task.held_out) == 8
         for prompt, row in zip(task.clean_prompts, data):
             assert tok.decode(row[1:]).startswith(prompt[:10])
+
+
+def _class_tokens(tok, data, row):
+    """{class name: the token text at that class's position} for one example (named classes only)."""
+    classes = data.position_classes[row].tolist()
+    return {name: tok.decode([int(data.clean[row, classes.index(c)])]).strip()
+            for c, name in enumerate(data.position_names) if name != "other"}
+
+
+def test_task_generators_name_their_positions():
+    """IOI's IO, S1, S2 and END are the tokens they name, in both templates; the rest is "other"."""
+    tok = tokenizer()
+    task = tasks.ioi(tok, n=6, seed=2)
+    data = task.data
+    assert data.position_names == ("IO", "S1", "S2", "END", "other")
+    for row, prompt in enumerate(task.clean_prompts):
+        at = _class_tokens(tok, data, row)
+        io, s = tok.decode([int(data.answers[row])]).strip(), tok.decode([int(data.distractors[row])]).strip()
+        assert (at["IO"], at["S1"], at["S2"], at["END"]) == (io, s, s, "to")
+        classes = data.position_classes[row].tolist()
+        assert classes.index(1) < classes.index(2) and classes.count(4) == len(classes) - 4
+        assert prompt.index(f" {s} ") < prompt.rindex(f" {s} ")  # S1 is the first mention
+    gp = tasks.gendered_pronoun(tok, n=4).data
+    assert gp.position_names == ("NAME", "END", "other")
+    assert _class_tokens(tok, gp, 0)["END"] == "t"  # "isn't" is isn ' t for this tokenizer
+    assert _class_tokens(tok, gp, 1)["NAME"] in tasks.FEMALE
+    gt = tasks.greater_than(tok, n=4).data
+    assert gt.position_names == ("YY", "END", "other")
+    assert [_class_tokens(tok, gt, r)["YY"] for r in range(4)] == [f"{int(y):02d}" for y in gt.answers]
+    # held-out splits keep the classes
+    split = tasks.ioi(tok, n=8, held_out=3)
+    assert split.held_out.position_names == split.data.position_names and split.held_out.position_classes.shape[0] == 3
+
+
+def test_jsonl_position_classes(tmp_path):
+    tok = tokenizer()
+    path = tmp_path / "d.jsonl"
+    rows = [{"clean": "When Mary and John went to the store , John gave a book to",
+             "corrupted": "When Amy and Tom went to the store , Tom gave a book to",
+             "answer": " Mary", "distractor": " John", "positions": {"IO": 1, "S2": 9, "END": -1}},
+            {"clean": "When Kate and Paul went to the park , Paul gave a ring to",
+             "corrupted": "When Lisa and Ben went to the park , Ben gave a ring to",
+             "answer": " Kate", "distractor": " Paul", "positions": {"IO": 1, "S2": 9, "END": -1}}]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    data = tasks.from_jsonl(tok, str(path)).data
+    assert data.position_names == ("IO", "S2", "END", "other")
+    assert _class_tokens(tok, data, 1) == {"IO": "Kate", "S2": "Paul", "END": "to"}
+    rows[1]["positions"] = {"IO": 1}
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    with pytest.raises(tep.EdgePruneError, match="same position classes"):
+        tasks.from_jsonl(tok, str(path))
+    rows[1]["positions"] = {"IO": 1, "S2": 40, "END": -1}
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    with pytest.raises(tep.EdgePruneError, match="outside the prompt"):
+        tasks.from_jsonl(tok, str(path))

@@ -171,3 +171,40 @@ def positional_eap_scores(model, graph, clean, counterfactual_outputs, metric, c
         d = writer_output(model, clean_cache, graph.writers[w]) - counterfactual_outputs(graph.writers[w])
         scores[w, r] = (d.double() * g.double() * at).sum()
     return scores
+
+
+def patch_edges(model, clean, counterfactual_outputs, edges) -> torch.Tensor:
+    """Logits with every edge w->r in ``edges`` removed at once: r's input gets ỹ_w instead of y_w, where y_w is
+    w's output in this same run (upstream removals change it), as Edge Pruning and ACDC define a circuit."""
+    removed: dict[str, list[str]] = {}
+    for edge in edges:
+        writer, reader = edge.split("->")
+        removed.setdefault(reader, []).append(writer)
+    names = writer_cache_names(model)
+    live: dict[str, torch.Tensor] = {}
+
+    def capture(x, hook, name):
+        live[name] = x
+        return x
+
+    def patch_reader(readers):
+        def patch(x, hook):
+            x = x.clone()
+            for reader in readers:
+                slot = reader_hook_point(model, reader)[1]
+                delta = sum(writer_output(model, live, w) - counterfactual_outputs(w) for w in removed[reader])
+                if slot is None:
+                    x = x - delta
+                else:
+                    x[:, :, slot] = x[:, :, slot] - delta
+            return x
+
+        return patch
+
+    by_hook: dict[str, list[str]] = {}
+    for reader in removed:
+        by_hook.setdefault(reader_hook_point(model, reader)[0], []).append(reader)
+    hooks = [(n, lambda x, hook, n=n: capture(x, hook, n)) for n in names]
+    hooks += [(n, patch_reader(readers)) for n, readers in by_hook.items()]
+    with split_flags(model, mlp_in=not model.cfg.attn_only):
+        return model.run_with_hooks(clean, fwd_hooks=hooks)

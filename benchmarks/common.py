@@ -61,14 +61,14 @@ def timed(fn, repeats: int, warmup: int = 1) -> dict:
     return {"min": min(times), "median": statistics.median(times), "max": max(times), "n": repeats}
 
 
-def timed_interleaved(steps: dict, repeats: int, warmup: int = 1, settle: int = 0) -> dict:
+def timed_interleaved(steps: dict, repeats: int, warmup: int = 1, settle: int = 0, keep_times: bool = False) -> dict:
     """Time several steps round-robin (a, b, a, b, ...), so that drift on a shared machine hits them alike.
 
     ``settle``: run each step that many times untimed right before its timed run (a a* b b* ...), so each is
     timed in the allocator state its own previous run left, as in a loop of such steps; with 0, each step
     first takes back memory the other step's frees returned to the kernel (glibc's trim), which on CPU costs
     page faults. Returns stats per step and, for each later step, the stats of its per-round ratio to each
-    earlier one ("b/a")."""
+    earlier one ("b/a"); ``keep_times``: also every round's seconds per step, under "times"."""
     names = list(steps)
     for _ in range(warmup):
         for name in names:
@@ -85,6 +85,8 @@ def timed_interleaved(steps: dict, repeats: int, warmup: int = 1, settle: int = 
     for i, base in enumerate(names):  # every later step against every earlier one, round by round
         for name in names[i + 1:]:
             out[f"{name}/{base}"] = _stats([a / b for a, b in zip(times[name], times[base])])
+    if keep_times:
+        out["times"] = times
     return out
 
 

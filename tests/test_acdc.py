@@ -73,3 +73,28 @@ def test_acdc_equals_a_brute_force_reference(threshold):
     assert torch.equal(circuit.edges, kept)
     torch.testing.assert_close(circuit.scores.double(), scores, atol=1e-6, rtol=0)  # scores are stored in float32
     assert circuit.info["final_metric"] == pytest.approx(final, abs=1e-7)  # the KL itself is taken in float32
+
+
+@pytest.mark.parametrize("threshold", [0.001, 0.01, 0.1])
+def test_acdc_from_the_readers_layer_decides_as_the_whole_model_on_tracr(threshold):
+    """Starting each candidate at its reader's layer changes no decision: the same circuit, exactly, and the same
+    metric changes (Tracr reverse, zero ablation, as in test_methods)."""
+    from tl_edgeprune.tracr_models import load_tracr
+
+    task = load_tracr("reverse")
+    fast = tep.acdc(task.model, task.data(), threshold, ablation="zero", progress=False)
+    whole = tep.acdc(task.model, task.data(), threshold, ablation="zero", progress=False, start_at_layer=False)
+    assert fast.info["started_at_layer"] and not whole.info["started_at_layer"]
+    assert torch.equal(fast.edges, whole.edges)
+    torch.testing.assert_close(fast.scores, whole.scores, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("model_id", model_ids(["gpt2"], ["gpt2"]))
+def test_acdc_says_whether_it_started_at_layers(model_id):
+    model = make_model(model_id)
+    gen = torch.Generator().manual_seed(0)
+    data = tep.paired_data(torch.randint(0, 39, (4, 5), generator=gen), torch.randint(0, 39, (4, 5), generator=gen))
+    fast = tep.acdc(model, data, 1e-3, progress=False)
+    whole = tep.acdc(model, data, 1e-3, progress=False, start_at_layer=False)
+    assert fast.info["started_at_layer"] == model_id.startswith("hooked")  # a bridge always runs whole
+    assert torch.equal(fast.edges, whole.edges)

@@ -161,6 +161,21 @@ class ModelAdapter:
             return self.model(tokens, return_type="logits")
         return self.model(tokens, return_type="logits", attention_mask=attention_mask)
 
+    def starts_at_layer(self, attention_mask: torch.Tensor | None) -> bool:
+        """Whether ``forward_from`` runs exactly what ``forward`` runs from a layer on: HookedTransformer (and the
+        Tracr twin) take ``start_at_layer``; a TransformerBridge runs its HF model whole. Shortformer blocks need
+        their position embedding, and a left-padding tokenizer makes the full forward build a mask from the
+        tokens: both are left to the full forward."""
+        if self.kind != "hooked" or getattr(self.cfg, "positional_embedding_type", None) == "shortformer":
+            return False
+        tokenizer = getattr(self.model, "tokenizer", None)
+        return attention_mask is not None or getattr(tokenizer, "padding_side", "right") != "left"
+
+    def forward_from(self, layer: int, resid: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits from the residual stream before ``layer`` (``starts_at_layer`` must hold)."""
+        kwargs = {} if attention_mask is None else {"attention_mask": attention_mask}
+        return self.model(resid, return_type="logits", start_at_layer=layer, **kwargs)
+
     def hook_points(self) -> list[tuple[str, nn.Module]]:
         """(name, module) of every TransformerLens hook point of the model."""
         from transformer_lens.hook_points import HookPoint

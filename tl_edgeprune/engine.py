@@ -22,6 +22,7 @@ from .adapter import ModelAdapter, post_norm_message
 from .counterfactual import Counterfactual
 from .errors import EdgePruneError, HookFiringError, UnsupportedModelError
 from .graph import Graph, GraphSpec, InputNodes, ReaderGroup, WriterChunk
+from .layer_start import CleanStarts, LayerStart
 from .mixing import BufferPool, DeltaBuffer, PositionLayout, Window, mix_rest, mix_window, plan_windows, write
 
 # Relative tolerance of the attach-time check that the residual stream is the sum of the writers.
@@ -60,6 +61,7 @@ class _Run:
         self.removes_nothing = False  # every mask 1 (EAP): the mixing's products are exactly 0
         self.logits_at: torch.Tensor | None = None  # [batch, pos] bool: unembed only these positions
         self.layout: PositionLayout | None = None  # positional graph: positions sorted by class in the buffer
+        self.start: LayerStart | None = None  # begin at this layer, the writers before it replayed (no gradients)
 
 
 class MaskedModel:
@@ -108,6 +110,7 @@ class MaskedModel:
         self._plan_mixing()
         self._expected_firings = self._expected_hook_keys()
         self._expected_writer_firings = Counter({k: n for k, n in self._expected_firings.items() if k[0] == "w"})
+        self._columns_before: dict[int, torch.Tensor] = {}  # per layer: reader columns of the groups before it
 
     # ------------------------------------------------------------------ context
     def __enter__(self) -> "MaskedModel":
@@ -224,6 +227,7 @@ class MaskedModel:
         fixed_deltas: Float[torch.Tensor, "writer batch pos d_model"] | None = None,
         logits_at: Bool[torch.Tensor, "batch pos"] | None = None,
         position_classes: Int[torch.Tensor, "batch pos"] | None = None,
+        start: LayerStart | None = None,
     ) -> Float[torch.Tensor, "batch pos vocab"]:
         """Logits of the masked forward. Masks: float (gradients flow) or bool; None means all ones.
 
@@ -234,6 +238,9 @@ class MaskedModel:
         then ``fixed_delta · ∂metric/∂reader_in`` whatever the input, which is what EAP-IG averages.
         ``logits_at``: the positions an objective reads; the model's final norm and unembedding run on those
         alone (the logits elsewhere are 0), which saves most of the unembedding's cost when one position counts.
+        ``start`` (``mm.clean_starts(tokens).at(l)``; without gradients): run layers l.. only, the writers before l
+        taken from the clean run, for masks that remove no edge into a reader before layer l (ACDC's candidates).
+        Where the model cannot start at a layer (``starts_at_layer``: a TransformerBridge), the whole model runs.
         """
         self._require_active()
         self._check_hooks_unchanged()
@@ -272,7 +279,56 @@ class MaskedModel:
             run.buffer.coef_zero = run.removes_nothing
             run.fixed_deltas = True
         run.logits_at = logits_at
+        if start is not None:
+            self._check_start(start, tokens, removal, fixed_deltas)
+            if self.adapter.starts_at_layer(attention_mask) and start.layer > 0:
+                run.start = start
         return self._execute(run, tokens, attention_mask)
+
+    def starts_at_layer(self, attention_mask: torch.Tensor | None = None) -> bool:
+        """Whether ``start=`` skips the layers before it on this model (else the whole model runs)."""
+        return self.adapter.starts_at_layer(attention_mask)
+
+    def clean_starts(
+        self, tokens: Int[torch.Tensor, "batch pos"], attention_mask: Int[torch.Tensor, "batch pos"] | None = None
+    ) -> CleanStarts:
+        """One clean forward (the model's own path, no gradients), kept at every layer's start for ``start=``."""
+        self._require_active()
+        tokens = self._check_tokens(tokens, "tokens")
+        attention_mask = self._check_attention_mask(attention_mask, tokens)
+        resid_pre: dict[int, torch.Tensor] = {}
+
+        def keep(layer):
+            def hook(x, hook):
+                resid_pre[layer] = x.detach()
+            return hook
+
+        n_layers = self.graph.spec.n_layers
+        run = _Run("capture", len(self.graph.writer_chunks))
+        run.plain = run.stop_when_written = True  # the last writer (m_{L-1}) fires after the last layer's start
+        with torch.no_grad(), self.extra_hooks([(f"blocks.{l}.hook_resid_pre", keep(l)) for l in range(n_layers)]):
+            self._execute(run, tokens, attention_mask)
+        if sorted(resid_pre) != list(range(n_layers)):
+            raise HookFiringError(f"the clean forward fired hook_resid_pre of layers {sorted(resid_pre)}, not all "
+                                  f"{n_layers}: a forward from a layer's start would be wrong")
+        return CleanStarts(tokens, tuple(resid_pre[l] for l in range(n_layers)), run.buffer.values)
+
+    def _check_start(self, start: Any, tokens: torch.Tensor, removal: torch.Tensor, fixed_deltas: Any) -> None:
+        if not isinstance(start, LayerStart):
+            raise EdgePruneError(f"start must be mm.clean_starts(tokens).at(layer), got {_describe(start)}")
+        if torch.is_grad_enabled() or fixed_deltas is not None:
+            raise EdgePruneError("start= replays the clean writers before its layer without gradients: run it under "
+                                 "torch.no_grad(), without fixed_deltas (ACDC's candidates are such forwards)")
+        if start.tokens is not tokens and (start.tokens.shape != tokens.shape or not torch.equal(start.tokens, tokens)):
+            raise EdgePruneError("start= was recorded for other tokens: call mm.clean_starts(these tokens) first")
+        columns = self._columns_before.get(start.layer)
+        if columns is None:
+            cols = [c for g in self.graph.reader_groups if g.layer < start.layer for c in self.graph.reader_columns(g)]
+            columns = self._columns_before[start.layer] = torch.tensor(cols, dtype=torch.long, device=removal.device)
+        if removal.device.type != "meta" and bool(removal.index_select(1, columns).any()):
+            raise EdgePruneError(
+                f"start= at layer {start.layer} needs every edge into the readers before that layer kept (they are "
+                "replayed from the clean run), but this mask removes some: start at an earlier layer")
 
     def interchange(
         self,
@@ -453,7 +509,9 @@ class MaskedModel:
         self._run = run
         try:
             with self._plain_flags() if run.plain else contextlib.nullcontext():
-                logits = self._forward_at(tokens, attention_mask, run.logits_at)
+                if run.start is not None:
+                    self._replay_writers(run)
+                logits = self._forward_at(tokens, attention_mask, run.logits_at, run.start)
         except _WritersDone:
             logits = None
         finally:
@@ -461,14 +519,42 @@ class MaskedModel:
         self._check_firings(run)
         return logits
 
-    def _forward_at(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None, at: torch.Tensor | None):
-        """The model's forward; with ``at``, its unembedding sees only those positions (as one [1, n_at] sequence)
-        and the logits come back as [batch, pos, vocab] with zeros elsewhere."""
+    def _forward_at(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None, at: torch.Tensor | None,
+                    start: LayerStart | None = None):
+        """The model's forward (from ``start``'s layer if given); with ``at``, its unembedding sees only those
+        positions (as one [1, n_at] sequence) and the logits come back as [batch, pos, vocab] with zeros elsewhere."""
+        def forward():
+            if start is None:
+                return self.adapter.forward(tokens, attention_mask)
+            return self.adapter.forward_from(start.layer, start.resid, attention_mask)
+
         if at is None:
-            return self.adapter.forward(tokens, attention_mask)
+            return forward()
         with self.adapter.hooks([(self.adapter.unembed_input_hook, lambda x, hook: x[at].unsqueeze(0))]):
-            logits = self.adapter.forward(tokens, attention_mask)
+            logits = forward()
         return logits.new_zeros((*at.shape, logits.shape[-1])).index_put((at,), logits[0])
+
+    def _replay_writers(self, run: _Run) -> None:
+        """The writers before the start layer, stored from the clean run exactly as their hooks would store them."""
+        ys = run.start.writer_outputs
+        for ci, chunk in enumerate(self.graph.writer_chunks):
+            if chunk.layer >= run.start.layer:
+                break
+            y = ys[chunk.start : chunk.stop]
+            self._ensure_buffer(run, y)
+            cf = None if run.cf_values is None else run.cf_values[chunk.start : chunk.stop]
+            run.tokens[ci] = write(y, cf, run.buffer, chunk.start, chunk.stop)
+            run.fired[("w", ci)] += 1
+
+    def _ensure_buffer(self, run: _Run, y: torch.Tensor) -> None:
+        if run.buffer is not None:
+            return
+        if run.mode == "mix":  # capture buffers are handed to the caller: never reused
+            run.buffer = self._pool.buffer(self.graph.n_writers, y.shape[1:], y.dtype, y.device, run.in_place)
+            run.buffer.coef_zero = run.removes_nothing
+            run.buffer.layout = run.layout
+        else:
+            run.buffer = DeltaBuffer(self.graph.n_writers, y.shape[1:], y.dtype, y.device)
 
     def _expected_hook_keys(self) -> Counter:
         keys = Counter()
@@ -481,6 +567,9 @@ class MaskedModel:
 
     def _check_firings(self, run: _Run) -> None:
         expected = self._expected_writer_firings if run.plain else self._expected_firings
+        if run.start is not None:  # the readers before the start layer do not run
+            groups = self.graph.reader_groups
+            expected = Counter({k: n for k, n in expected.items() if k[0] == "w" or groups[k[1]].layer >= run.start.layer})
         if run.fired == expected:
             return
         names = {key: name for name, key in self._hook_keys()}
@@ -550,13 +639,7 @@ class MaskedModel:
                 y = activation.unsqueeze(0)
             if run.fixed_deltas:
                 return None
-            if run.buffer is None:
-                if run.mode == "mix":  # capture buffers are handed to the caller: never reused
-                    run.buffer = self._pool.buffer(self.graph.n_writers, y.shape[1:], y.dtype, y.device, run.in_place)
-                    run.buffer.coef_zero = run.removes_nothing
-                    run.buffer.layout = run.layout
-                else:
-                    run.buffer = DeltaBuffer(self.graph.n_writers, y.shape[1:], y.dtype, y.device)
+            self._ensure_buffer(run, y)
             cf = None
             if run.mode == "mix" and run.cf_values is not None:
                 cf = run.cf_values[chunk.start : chunk.stop]
@@ -632,7 +715,8 @@ class MaskedModel:
         sizes = [size for _, group in leading for size in self._part_sizes(group)]
         parts, run.window_tokens[window.index] = mix_window(coef, run.buffer, window, sizes,
                                                             self._tokens(run, groups[0], 0))
-        run.unread[window.index] = sum(len(self._part_sizes(group)) for group in groups)
+        runs = [group for group in groups if run.start is None or group.layer >= run.start.layer]  # the others never read
+        run.unread[window.index] = sum(len(self._part_sizes(group)) for group in runs)
         parts = iter(parts)
         for g, group in leading:
             run.mixes[g] = [next(parts) for _ in self._part_sizes(group)]

@@ -134,11 +134,16 @@ class ToyTransformer(HookedRootModule):
     def set_use_hook_mlp_in(self, value: bool) -> None:
         self.cfg.use_hook_mlp_in = bool(value)
 
-    def forward(self, tokens: torch.Tensor, return_type: str = "logits", attention_mask=None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, return_type: str = "logits", attention_mask=None,
+                start_at_layer: int | None = None) -> torch.Tensor:
+        """``start_at_layer``: as HookedTransformer's, ``tokens`` is then the residual stream before that layer."""
         if attention_mask is not None:
             raise ValueError("ToyTransformer attends bidirectionally over whole inputs; it takes no attention_mask")
-        positions = torch.arange(tokens.shape[1], device=tokens.device)
-        resid = self.hook_embed(self.embed.W_E[tokens]) + self.hook_pos_embed(self.pos_embed.W_pos[positions])[None]
-        for block in self.blocks:
+        if start_at_layer is None:
+            positions = torch.arange(tokens.shape[1], device=tokens.device)
+            resid = self.hook_embed(self.embed.W_E[tokens]) + self.hook_pos_embed(self.pos_embed.W_pos[positions])[None]
+        else:
+            resid = tokens
+        for block in self.blocks[start_at_layer or 0:]:
             resid = block(resid)
         return resid @ self.unembed.W_U + self.unembed.b_U

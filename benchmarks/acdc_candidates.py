@@ -1,0 +1,119 @@
+"""What one ACDC candidate costs: a masked forward over the whole dataset, ÷ one plain forward of the same data.
+
+    python benchmarks/acdc_candidates.py [--model gpt2-shape|smollm2] [--n 96] [--seq 16] [--repeats 5]
+
+ACDC (tl_edgeprune.acdc) judges every edge by one masked forward of all the data, without gradients, against the
+full model's logits computed once. Timed interleaved, on the same batches (the data as one batch, acdc's default
+batch_size=256), the model's weights frozen, no gradients:
+
+- "plain forward": ``model(clean)``, every position unembedded (what a TransformerLens user runs);
+- "candidate, all positions unembedded": the masked forward as acdc ran it until this change;
+- "candidate, whole model, scored positions only": ``logits_at=`` the positions the metric reads (last here);
+- "from layer l": acdc now, for a candidate into a reader of layer l (``start=mm.clean_starts(clean).at(l)``).
+
+A pass's average candidate weighs each start layer by its share of the graph's edges (readers of later layers have
+more writers). The masks keep a random 10 % of the edges after the start layer (a pass ends far sparser than it
+starts; the mixing's cost does not depend on which entries are 0). Projected pass = the graph's edges × the
+average candidate. Needs transformer-lens 3 (a HookedTransformer: a bridge cannot start at a layer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import tl_edgeprune as tep  # noqa: E402
+from tl_edgeprune.edge_pruning import frozen_parameters  # noqa: E402
+
+from benchmarks.common import allocator_env, fmt_stats, timed_interleaved  # noqa: E402
+from benchmarks.engine import load_model, make_batch  # noqa: E402
+
+
+def pass_weights(graph) -> list[float]:
+    """The share of a pass's candidates judged from each start layer (a group's edges start at its layer; the
+    logits' at the last layer)."""
+    valid = graph.valid_mask()
+    weights = [0.0] * graph.spec.n_layers
+    for group in graph.reader_groups:
+        weights[min(group.layer, graph.spec.n_layers - 1)] += float(valid[:, graph.reader_columns(group)].sum())
+    return [w / graph.n_edges for w in weights]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="gpt2-shape", choices=["gpt2-shape", "smollm2"])
+    ap.add_argument("--n", type=int, default=96, help="examples (IOI's training split on SmolLM2 is 96)")
+    ap.add_argument("--seq", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", default=None, help="write the results as JSON here")
+    args = ap.parse_args()
+    model = load_model(args.model)
+    clean, corrupted = make_batch(model, args.n, args.seq)
+    data = tep.paired_data(clean, corrupted, positions="last")
+    threads = torch.get_num_threads()
+    print(f"{args.model}, {args.n} examples x {args.seq} positions (one batch), last position scored, "
+          f"{threads} torch thread(s), {allocator_env()}, torch {torch.__version__}", flush=True)
+    with torch.no_grad(), frozen_parameters(model), tep.masked(model) as mm:
+        graph = mm.graph
+        cf = mm.interchange(corrupted)
+        starts = mm.clean_starts(clean)
+        assert mm.starts_at_layer(), "this model cannot start at a layer (a TransformerBridge): use transformer-lens 3"
+        gen = torch.Generator().manual_seed(0)
+        at = data.positions
+        weights = pass_weights(graph)
+
+        def mask_from(layer):  # a random 10 % kept, every reader before the start layer intact
+            mask = (torch.rand(graph.shape, generator=gen) < 0.1).float() * graph.valid_mask().float()
+            for group in graph.reader_groups:
+                if group.layer < layer:
+                    mask[:, graph.reader_columns(group)] = 1.0
+            return mask
+
+        masks = [mask_from(layer) for layer in range(graph.spec.n_layers)]
+        steps = {
+            "plain forward": lambda: mm.full_logits(clean),  # the model's own forward, every position unembedded
+            "candidate, whole model, all positions unembedded": lambda: mm(clean, cf, masks[0]),
+            "candidate, whole model, scored positions only": lambda: mm(clean, cf, masks[0], logits_at=at),
+        }
+        for layer in range(1, graph.spec.n_layers):
+            steps[f"from layer {layer}"] = lambda layer=layer: mm(clean, cf, masks[layer], logits_at=at,
+                                                                  start=starts.at(layer))
+        stats = timed_interleaved(steps, args.repeats, keep_times=True)
+    for name in steps:
+        print(f"  {name:50s} {fmt_stats(stats[name])}")
+    # A pass: the share of candidates at each start layer times that layer's candidate (layer 0: the whole model).
+    def per_pass(i):
+        t = [stats["times"]["candidate, whole model, scored positions only"][i]]
+        t += [stats["times"][f"from layer {layer}"][i] for layer in range(1, graph.spec.n_layers)]
+        return sum(w * x for w, x in zip(weights, t))
+
+    n_rounds = len(stats["times"]["plain forward"])
+    avg = [per_pass(i) for i in range(n_rounds)]
+    plain = stats["times"]["plain forward"]
+    old = stats["times"]["candidate, whole model, all positions unembedded"]
+    rows = {"before (whole model, every position unembedded)": old, "now (scored positions, from the reader's layer)": avg}
+    results = {"model": args.model, "n": args.n, "seq": args.seq, "threads": threads, "allocator": allocator_env(),
+               "edges": graph.n_edges, "pass_weights": weights, "stats": {k: v for k, v in stats.items() if k != "times"}}
+    for name, times in rows.items():
+        ratios = sorted(a / b for a, b in zip(times, plain))
+        med = sorted(times)[len(times) // 2]
+        print(f"  {name}: per candidate ÷ plain forward, median {ratios[len(ratios) // 2]:.2f}x (min {ratios[0]:.2f}, "
+              f"max {ratios[-1]:.2f}); a pass over {graph.n_edges:,} candidates: {med * graph.n_edges / 3600:.1f} h, "
+              f"{1 / med:.2f} candidates/s")
+        results[name] = {"ratio_to_plain": ratios, "seconds": times}
+    speed = sorted(a / b for a, b in zip(old, avg))
+    print(f"  candidates per second, now ÷ before: median {speed[len(speed) // 2]:.2f}x (min {speed[0]:.2f}, "
+          f"max {speed[-1]:.2f})")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -127,9 +127,13 @@ class ModelAdapter:
     def flag_state(self) -> dict[str, Any]:
         return {f: getattr(self.cfg, f, None) for f in self.FLAGS}
 
-    def enable_flags(self, need_mlp_in: bool) -> None:
+    def enable_flags(self, need_mlp_in: bool, split_qkv: bool = True) -> None:
+        """``split_qkv=False``: the engine computes per-head q/k/v itself (fused_qkv.py), so TL's split path is off."""
         try:
-            self.model.set_use_split_qkv_input(True)
+            if split_qkv:
+                self.model.set_use_split_qkv_input(True)
+            elif getattr(self.cfg, "use_split_qkv_input", False):
+                self.model.set_use_split_qkv_input(False)
             if need_mlp_in:
                 self.model.set_use_hook_mlp_in(True)
         except (NotImplementedError, AssertionError, ValueError, AttributeError) as exc:
@@ -160,6 +164,43 @@ class ModelAdapter:
         if attention_mask is None:
             return self.model(tokens, return_type="logits")
         return self.model(tokens, return_type="logits", attention_mask=attention_mask)
+
+    def attention_norm(self, layer: int):
+        """The pre-attention norm of a layer as fused_qkv.Norm, or None where the engine cannot compute per-head q/k/v
+        itself (a bridge, low precision, shortformer, 4-bit, ungrouped GQA, an unknown norm): TL's split path then."""
+        from .fused_qkv import Norm
+        from .toy_transformer import ToyTransformer
+
+        if isinstance(self.model, ToyTransformer):
+            return Norm("none")
+        cfg = self.cfg
+        if (self.kind != "hooked" or self.dtype not in (torch.float32, torch.float64)
+                or getattr(cfg, "positional_embedding_type", None) == "shortformer"
+                or getattr(cfg, "load_in_4bit", False) or getattr(cfg, "ungroup_grouped_query_attention", False)
+                or getattr(cfg, "use_attn_in", False) or getattr(cfg, "n_devices", 1) != 1):
+            return None
+        from transformer_lens.components import LayerNorm, LayerNormPre, RMSNorm, RMSNormPre
+
+        ln = getattr(self.model.blocks[layer], "ln1", None)
+        kind = type(ln)
+        if kind is LayerNorm:
+            return Norm("ln", float(ln.eps), ln.w, ln.b)
+        if kind is LayerNormPre:
+            return Norm("ln", float(ln.eps))
+        if kind is RMSNorm:
+            return Norm("rms", float(ln.eps), ln.w)
+        if kind is RMSNormPre:
+            return Norm("rms", float(ln.eps))
+        if isinstance(ln, nn.Identity):
+            return Norm("none")
+        return None
+
+    def qkv_weights(self, layer: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """[(W, b)] of q, k, v: [heads, d_model, d_head] and [heads, d_head]; k/v per key-value head (GQA)."""
+        attn = self.model.blocks[layer].attn
+        grouped = hasattr(attn, "_W_K")
+        return [(attn.W_Q, attn.b_Q), (attn._W_K, attn._b_K) if grouped else (attn.W_K, attn.b_K),
+                (attn._W_V, attn._b_V) if grouped else (attn.W_V, attn.b_V)]
 
     def starts_at_layer(self, attention_mask: torch.Tensor | None) -> bool:
         """Whether ``forward_from`` runs exactly what ``forward`` runs from a layer on: HookedTransformer (and the

@@ -21,6 +21,7 @@ from jaxtyping import Bool, Float, Int
 from .adapter import ModelAdapter, post_norm_message
 from .counterfactual import Counterfactual
 from .errors import EdgePruneError, HookFiringError, UnsupportedModelError
+from .fused_qkv import mixed_projection
 from .graph import Graph, GraphSpec, InputNodes, ReaderGroup, WriterChunk
 from .layer_start import CleanStarts, LayerStart
 from .mixing import BufferPool, DeltaBuffer, PositionLayout, Window, mix_rest, mix_window, plan_windows, write
@@ -62,6 +63,7 @@ class _Run:
         self.logits_at: torch.Tensor | None = None  # [batch, pos] bool: unembed only these positions
         self.layout: PositionLayout | None = None  # positional graph: positions sorted by class in the buffer
         self.start: LayerStart | None = None  # begin at this layer, the writers before it replayed (no gradients)
+        self.layer_resid: dict[int, torch.Tensor] = {}  # fused q/k/v: each layer's residual stream before attention
 
 
 class MaskedModel:
@@ -79,11 +81,23 @@ class MaskedModel:
         input_nodes: InputNodes = "separate",
         position_classes: Sequence[str] = (),
         check_identity: bool = True,
+        fused_qkv: bool | None = None,
     ):
         """``position_classes``: for a positional graph (when ``graph`` is not given), the names of the classes;
-        every masked forward then takes ``position_classes=`` [batch, pos] class indices."""
+        every masked forward then takes ``position_classes=`` [batch, pos] class indices.
+        ``fused_qkv``: compute each head's q/k/v from the shared residual plus its reader's correction
+        (fused_qkv.py) instead of TransformerLens's split-q/k/v path; default: wherever the model allows it
+        (HookedTransformer and the Tracr twin in float32/64; ``adapter.attention_norm``), False forces TL's path."""
         self.adapter = ModelAdapter(model)
         self.model = model
+        norms = [self.adapter.attention_norm(layer) for layer in range(int(model.cfg.n_layers))]
+        supported = all(norm is not None for norm in norms)
+        if fused_qkv and not supported:
+            raise UnsupportedModelError(
+                f"fused_qkv=True: the engine cannot compute this model's per-head q/k/v itself ({type(model).__name__}, "
+                f"{self.adapter.dtype}; see ModelAdapter.attention_norm). Leave fused_qkv unset to use TL's split path.")
+        self.fused_qkv = supported if fused_qkv is None else bool(fused_qkv)
+        self._norms = norms
         model_spec = GraphSpec.from_config(model.cfg)
         if graph is None:
             graph = Graph.from_spec(model_spec, input_nodes, position_classes)
@@ -487,7 +501,7 @@ class MaskedModel:
         self._window_of = {g: window for window in self._windows for g in window.groups}
 
     def _enable_flags(self) -> None:
-        self.adapter.enable_flags(need_mlp_in=not self.graph.spec.attn_only)
+        self.adapter.enable_flags(need_mlp_in=not self.graph.spec.attn_only, split_qkv=not self.fused_qkv)
 
     @contextlib.contextmanager
     def _plain_flags(self):
@@ -589,6 +603,8 @@ class MaskedModel:
         spec = self.graph.spec
         if group.kind == "attn":
             H, G, l = spec.n_heads, spec.n_kv_heads, group.layer
+            if self.fused_qkv:  # after the model's own q/k/v of the shared residual (fused_qkv.py)
+                return [(f"blocks.{l}.attn.hook_{x}", o, n, True) for x, o, n in (("q", 0, H), ("k", H, G), ("v", H + G, G))]
             return [
                 (f"blocks.{l}.hook_q_input", 0, H, True),
                 (f"blocks.{l}.hook_k_input", H, G, True),
@@ -615,6 +631,9 @@ class MaskedModel:
 
     def _hook_list(self) -> list[tuple[str, Any]]:
         hooks = [(self._writer_hook_name(c), self._writer_hook(ci)) for ci, c in enumerate(self.graph.writer_chunks)]
+        if self.fused_qkv:
+            hooks += [(f"blocks.{g.layer}.hook_resid_pre", self._resid_hook(g.layer))
+                      for g in self.graph.reader_groups if g.kind == "attn"]
         for gi, group in enumerate(self.graph.reader_groups):
             for name, offset, size, per_head in self._reader_parts(group):
                 hooks.append((name, self._reader_hook(gi, offset, size, per_head)))
@@ -650,6 +669,34 @@ class MaskedModel:
 
         return hook
 
+    def _resid_hook(self, layer: int):
+        """Fused q/k/v: keep the residual stream a layer's attention reads (its heads' shared input)."""
+        def hook(activation: torch.Tensor, hook: Any) -> None:
+            run = self._run
+            if run is not None and not run.plain:
+                run.layer_resid[layer] = activation
+            return None
+
+        return hook
+
+    def _fused_input(self, run: _Run, group: ReaderGroup, part_index: int, activation: torch.Tensor,
+                     part: torch.Tensor) -> torch.Tensor:
+        """q, k or v of every head reader of the group, from the model's own (shared-residual) projection."""
+        layer = group.layer
+        resid = run.layer_resid.get(layer)
+        if resid is None:
+            raise HookFiringError(f"blocks.{layer}.hook_resid_pre did not fire before the layer's q/k/v: the "
+                                  "fused q/k/v inputs cannot be built (MaskedModel(..., fused_qkv=False))")
+        W, b = self.adapter.qkv_weights(layer)[part_index]
+        norm = self._norms[layer]
+        if run.removes_nothing:
+            # Every mask 1 (EAP): the value is the model's own q/k/v bit for bit, and the gradient to the parts (the
+            # masks' gradient) is that of the mix at part = 0 with the residual held, which is exact there; the
+            # residual's own gradient comes through the model's path.
+            mixed = mixed_projection(part, resid.detach(), norm, W, b)
+            return activation + (mixed - mixed.detach())
+        return mixed_projection(part, resid, norm, W, b)
+
     def _reader_hook(self, group_index: int, offset: int, size: int, per_head: bool):
         group = self.graph.reader_groups[group_index]
         key = ("r", group_index, offset)
@@ -664,7 +711,10 @@ class MaskedModel:
             run.fired[key] += 1
             if run.mode == "capture":
                 if run.reader_inputs is not None and offset == 0:
-                    run.reader_inputs[group_index] = activation[:, :, 0] if per_head else activation
+                    if self.fused_qkv and group.kind == "attn":
+                        run.reader_inputs[group_index] = run.layer_resid[group.layer]
+                    else:
+                        run.reader_inputs[group_index] = activation[:, :, 0] if per_head else activation
                 return None
             parts = run.mixes.get(group_index)
             if parts is None:
@@ -675,7 +725,9 @@ class MaskedModel:
             # part = −Σ_j (1 − z_jr)(y_j − ỹ_j): added, so backward needs no negation pass
             if run.layout is not None:  # stored sorted by position class: back to the model's order
                 part = run.layout.to_model(part)
-            if per_head:
+            if self.fused_qkv and group.kind == "attn":
+                mixed = self._fused_input(run, group, part_index, activation, part)
+            elif per_head:
                 mixed = activation + einops.rearrange(part, "reader b p d -> b p reader d")
             else:
                 mixed = activation + part.squeeze(0)

@@ -1,0 +1,56 @@
+"""The engine's own per-head q/k/v (fused_qkv.py) against TransformerLens's split-q/k/v path, on every architecture
+that has it: same logits and mask gradients at random fractional masks, ordinary and positional graphs. 1e-5 in
+float32 (the engine's other tests compare both paths with plain TL hooks)."""
+
+import pytest
+import torch
+
+import tl_edgeprune as tep
+from tl_edgeprune.errors import UnsupportedModelError
+
+from .conftest import HAS_BRIDGE, MODEL_IDS, make_model
+
+ATOL = 1e-5
+HOOKED = [m for m in MODEL_IDS if m.startswith("hooked")]
+
+
+def masked_run(model, fused, clean, corrupted, classes=None, seed=0):
+    names = ("A", "B") if classes is not None else ()
+    with tep.masked(model, fused_qkv=fused, position_classes=names) as mm:
+        gen = torch.Generator().manual_seed(seed)
+        z = torch.rand(mm.graph.shape, generator=gen).requires_grad_(True)
+        nodes = torch.rand(mm.graph.n_writers, generator=gen).requires_grad_(True)
+        logits = mm(clean, mm.interchange(corrupted), z, nodes, position_classes=classes)
+        (logits[:, -1].log_softmax(-1)[:, :5].sum() + logits.square().mean()).backward()
+        used = mm.fused_qkv
+    return logits.detach(), z.grad, nodes.grad, used
+
+
+@pytest.mark.parametrize("model_id", HOOKED)
+@pytest.mark.parametrize("positional", [False, True])
+def test_fused_qkv_equals_tl_split_path(model_id, positional, tokens):
+    model = make_model(model_id)
+    clean, corrupted = tokens
+    classes = torch.randint(0, 2, clean.shape, generator=torch.Generator().manual_seed(1)) if positional else None
+    fused = masked_run(model, None, clean, corrupted, classes)
+    split = masked_run(model, False, clean, corrupted, classes)
+    assert fused[3] == ("shortformer" not in model_id) and not split[3]
+    for a, b, what in zip(fused[:3], split[:3], ("logits", "edge-mask gradient", "node-mask gradient")):
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=0, msg=what)
+    assert fused[1].abs().max() > 1e-4
+
+
+@pytest.mark.skipif(not HAS_BRIDGE, reason="no TransformerBridge in this transformer-lens")
+def test_fused_qkv_refused_where_the_engine_cannot(tokens):
+    model = make_model("bridge-gpt2")
+    with pytest.raises(UnsupportedModelError, match="fused_qkv=True"):
+        tep.masked(model, fused_qkv=True)
+    with tep.masked(model) as mm:
+        assert not mm.fused_qkv
+
+
+@pytest.mark.parametrize("model_id", [m for m in HOOKED if "shortformer" not in m][:1])
+def test_fused_qkv_in_bfloat16_falls_back_to_tl(model_id):
+    model = make_model(model_id, dtype=torch.bfloat16)
+    with tep.masked(model) as mm:
+        assert not mm.fused_qkv  # TL's norms compute in float32 there; the split path keeps that

@@ -125,6 +125,7 @@ class MaskedModel:
         self._expected_firings = self._expected_hook_keys()
         self._expected_writer_firings = Counter({k: n for k, n in self._expected_firings.items() if k[0] == "w"})
         self._columns_before: dict[int, torch.Tensor] = {}  # per layer: reader columns of the groups before it
+        self._resid_extra: dict[int, list[Any]] = {}  # per layer: extra_hooks at hook_resid_pre (fused q/k/v)
 
     # ------------------------------------------------------------------ context
     def __enter__(self) -> "MaskedModel":
@@ -206,12 +207,21 @@ class MaskedModel:
         that nothing else hooks the model mid-context."""
         self._require_active()
         before = self._hooks_at_enter
+        # Fused q/k/v reads each layer's residual at hook_resid_pre: hooks there run inside the engine's own hook,
+        # before it keeps the residual, so the attention reads what they return (TL would run them after it).
+        resid_points = {f"blocks.{g.layer}.hook_resid_pre": g.layer for g in self.graph.reader_groups
+                        if self.fused_qkv and g.kind == "attn"}
+        inner = [(name, fn) for name, fn in fwd_hooks if name in resid_points]
         try:
-            with self.adapter.hooks(fwd_hooks):
+            for name, fn in inner:
+                self._resid_extra.setdefault(resid_points[name], []).append(fn)
+            with self.adapter.hooks([(name, fn) for name, fn in fwd_hooks if name not in resid_points]):
                 self._hooks_at_enter = {name: _forward_hooks(hp) for name, hp in self._hook_points}
                 yield
         finally:
             self._hooks_at_enter = before
+            for name, fn in inner:
+                self._resid_extra[resid_points[name]].remove(fn)
 
     def _check_thread(self) -> None:
         if threading.get_ident() != self._thread:
@@ -671,11 +681,15 @@ class MaskedModel:
 
     def _resid_hook(self, layer: int):
         """Fused q/k/v: keep the residual stream a layer's attention reads (its heads' shared input)."""
-        def hook(activation: torch.Tensor, hook: Any) -> None:
+        def hook(activation: torch.Tensor, hook: Any) -> torch.Tensor | None:
+            out = activation
+            for extra in self._resid_extra.get(layer, ()):  # a method's own hooks there (extra_hooks)
+                changed = extra(out, hook)
+                out = out if changed is None else changed
             run = self._run
             if run is not None and not run.plain:
-                run.layer_resid[layer] = activation
-            return None
+                run.layer_resid[layer] = out
+            return None if out is activation else out
 
         return hook
 

@@ -70,9 +70,7 @@ def main() -> None:
 
         def mask_from(layer):  # a random 10 % kept, every reader before the start layer intact
             mask = (torch.rand(graph.shape, generator=gen) < 0.1).float() * graph.valid_mask().float()
-            for group in graph.reader_groups:
-                if group.layer < layer:
-                    mask[:, graph.reader_columns(group)] = 1.0
+            mask[:, graph.reader_columns_before(layer)] = 1.0
             return mask
 
         masks = [mask_from(layer) for layer in range(graph.spec.n_layers)]

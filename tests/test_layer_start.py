@@ -21,9 +21,7 @@ def mask_after(graph, layer, seed=0, keep=0.5):
     """A random mask that keeps every edge into the readers before ``layer``."""
     gen = torch.Generator().manual_seed(seed + layer)
     mask = (torch.rand(graph.shape, generator=gen) < keep).float()
-    for group in graph.reader_groups:
-        if group.layer < layer:
-            mask[:, graph.reader_columns(group)] = 1.0
+    mask[:, graph.reader_columns_before(layer)] = 1.0
     return mask
 
 

@@ -305,7 +305,7 @@ class MaskedModel:
         run.logits_at = logits_at
         if start is not None:
             self._check_start(start, tokens, removal, fixed_deltas)
-            if self.adapter.starts_at_layer(attention_mask) and start.layer > 0:
+            if self.starts_at_layer(attention_mask) and start.layer > 0:
                 run.start = start
         return self._execute(run, tokens, attention_mask)
 
@@ -347,8 +347,8 @@ class MaskedModel:
             raise EdgePruneError("start= was recorded for other tokens: call mm.clean_starts(these tokens) first")
         columns = self._columns_before.get(start.layer)
         if columns is None:
-            cols = [c for g in self.graph.reader_groups if g.layer < start.layer for c in self.graph.reader_columns(g)]
-            columns = self._columns_before[start.layer] = torch.tensor(cols, dtype=torch.long, device=removal.device)
+            columns = self._columns_before[start.layer] = torch.tensor(
+                self.graph.reader_columns_before(start.layer), dtype=torch.long, device=removal.device)
         if removal.device.type != "meta" and bool(removal.index_select(1, columns).any()):
             raise EdgePruneError(
                 f"start= at layer {start.layer} needs every edge into the readers before that layer kept (they are "
@@ -695,7 +695,7 @@ class MaskedModel:
 
     def _fused_input(self, run: _Run, group: ReaderGroup, part_index: int, activation: torch.Tensor,
                      part: torch.Tensor) -> torch.Tensor:
-        """q, k or v of every head reader of the group, from the model's own (shared-residual) projection."""
+        """q, k or v of every head reader of the group, from the layer's residual and each reader's part."""
         layer = group.layer
         resid = run.layer_resid.get(layer)
         if resid is None:

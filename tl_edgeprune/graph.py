@@ -206,6 +206,10 @@ class Graph:
         base = self.n_base_readers
         return [c * base + r for c in range(self.n_classes) for r in range(group.start, group.stop)]
 
+    def reader_columns_before(self, layer: int) -> list[int]:
+        """Every column of the reader groups before ``layer`` (what a forward started at ``layer`` never reads)."""
+        return [c for group in self.reader_groups if group.layer < layer for c in self.reader_columns(group)]
+
     def valid_mask(self, device: torch.device | str | None = None) -> Bool[torch.Tensor, "writer reader"]:
         """True where an edge exists: each reader group reads a prefix of the writers (in every class)."""
         valid = torch.zeros(self.shape, dtype=torch.bool, device=device)

@@ -9,6 +9,7 @@ from . import tasks
 from .circuit import Circuit, evaluate_circuits
 from .counterfactual import Counterfactual
 from .data import PairedData, ShardedData, as_data, by_position, paired_data
+from .distributed import shard_model
 from .edge_pruning import EdgePruningConfig, EdgePruningResult, edge_pruning
 from .engine import MaskedModel, masked
 from .errors import EdgePruneError, HookFiringError, UnsupportedModelError
@@ -46,5 +47,6 @@ __all__ = [
     "load_tracr",
     "masked",
     "paired_data",
+    "shard_model",
 ]
 __version__ = "0.1.0"

@@ -21,6 +21,7 @@ from . import checkpoint, validation
 from .ablations import Ablation, counterfactual_source
 from .circuit import Circuit
 from .data import PairedData, as_data, position_names_for
+from .distributed import data_parallel, rank_slice
 from .engine import MaskedModel
 from .errors import EdgePruneError
 from .example_cache import ExampleCache
@@ -198,22 +199,6 @@ def _is_default(name: str, value: Any) -> bool:
     return not isinstance(value, torch.Tensor) and type(value) is type(default) and value == default
 
 
-def _data_parallel() -> tuple[int, int]:
-    """(rank, world size) when torch.distributed is initialised (e.g. under torchrun), else (0, 1)."""
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _rank_slice(n: int, rank: int, world: int) -> slice:
-    """This rank's equal slice of a batch of n; the mean of the ranks' gradients is then the full batch's."""
-    if n % world:
-        raise EdgePruneError(f"data-parallel Edge Pruning needs batches divisible by the {world} ranks; got {n} "
-                             "(choose batch_size and a dataset size that are multiples of the world size)")
-    return slice(rank * n // world, (rank + 1) * n // world)
-
-
 def _gate(log_alpha: torch.Tensor) -> HardConcrete:
     gate = HardConcrete(tuple(log_alpha.shape))
     gate.log_alpha.data = log_alpha.detach().clone().cpu()
@@ -357,7 +342,7 @@ def edge_pruning(
     if resume and not cfg.checkpoint_path:
         raise EdgePruneError("resume=True needs the checkpoint_path of the run to continue")
     t0 = time.perf_counter()
-    rank, world = _data_parallel()
+    rank, world = data_parallel()
     with torch_threads(model, threads) as n_threads, frozen_parameters(model), \
             MaskedModel(model, input_nodes=cfg.input_nodes, position_classes=classes) as mm:
         mm.check_data(data)
@@ -400,7 +385,7 @@ def edge_pruning(
         def batch_at(step: int) -> tuple[PairedData, int, torch.Tensor]:
             batch, shard, rows = step_batches(step)
             if world > 1:
-                mine = _rank_slice(len(batch), rank, world)
+                mine = rank_slice(len(batch), rank, world)
                 batch, rows = batch.select(mine), rows[mine]
             return batch.to(device), shard, rows
 
@@ -473,7 +458,11 @@ def edge_pruning(
                                         "node log α": None if node_gates is None else node_gates.log_alpha})
             if bad is not None:
                 fail(step, bad, generator_state, updated=True)
-            row = {"loss": float(loss.detach()), "objective": float(obj.detach()), "sparsity": float(sparsity.detach()), "target": target,
+            reported = torch.stack([loss.detach(), obj.detach()]).float()
+            if world > 1:  # the history holds the whole batch's values: the mean of the ranks' slices
+                torch.distributed.all_reduce(reported)
+                reported /= world
+            row = {"loss": float(reported[0]), "objective": float(reported[1]), "sparsity": float(sparsity.detach()), "target": target,
                    "lambda1": float(lambdas[0].detach()), "lambda2": float(lambdas[1].detach()), "lr": scheduler.get_last_lr()[0],
                    "circuit_sparsity": readout_sparsity(graph, edge_gates, node_gates, trainable),
                    "seconds": time.perf_counter() - t0}

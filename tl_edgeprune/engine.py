@@ -97,7 +97,6 @@ class MaskedModel:
                 f"fused_qkv=True: the engine cannot compute this model's per-head q/k/v itself ({type(model).__name__}, "
                 f"{self.adapter.dtype}; see ModelAdapter.attention_norm). Leave fused_qkv unset to use TL's split path.")
         self.fused_qkv = supported if fused_qkv is None else bool(fused_qkv)
-        self._norms = norms
         model_spec = GraphSpec.from_config(model.cfg)
         if graph is None:
             graph = Graph.from_spec(model_spec, input_nodes, position_classes)
@@ -701,8 +700,9 @@ class MaskedModel:
         if resid is None:
             raise HookFiringError(f"blocks.{layer}.hook_resid_pre did not fire before the layer's q/k/v: the "
                                   "fused q/k/v inputs cannot be built (MaskedModel(..., fused_qkv=False))")
+        # Weights are read now, inside the layer's forward: under FSDP only then are they whole (unsharded).
         W, b = self.adapter.qkv_weights(layer)[part_index]
-        norm = self._norms[layer]
+        norm = self.adapter.attention_norm(layer)
         if run.removes_nothing:
             # Every mask 1 (EAP): the value is the model's own q/k/v bit for bit, and the gradient to the parts (the
             # masks' gradient) is that of the mix at part = 0 with the residual held, which is exact there; the

@@ -15,6 +15,7 @@ from jaxtyping import Float, Int
 
 from .counterfactual import Counterfactual
 from .data import PairedData, ShardedData
+from .distributed import all_ranks, data_parallel, is_sharded
 from .engine import MaskedModel
 
 GIB = 2**30
@@ -42,6 +43,7 @@ class ExampleCache:
     ):
         self.mm, self.data, self.source, self.budget_gib = mm, data, source, budget_gib
         self.scored_only = scored_only
+        self.lockstep = is_sharded(mm.model) and data_parallel()[1] > 1  # every rank runs the same forwards
         self.decided = budget_gib <= 0
         self.enabled = False
         self.needed_gib: float | None = None
@@ -72,7 +74,13 @@ class ExampleCache:
         if not self.enabled:
             return self._compute(batch)
         seen = self.filled[shard][rows.to(self.filled[shard].device)]
-        if bool(seen.all()):
+        if self.lockstep:  # FSDP: forwards are collectives, so a rank whose rows are all seen may still have to run
+            if all_ranks(bool(seen.all())):
+                return self._gather(shard, rows)
+            if bool(seen.all()):  # another rank computes: run the same two forwards on one row, and discard them
+                self._compute(batch.select(slice(0, 1)))
+                return self._gather(shard, rows)
+        elif bool(seen.all()):
             return self._gather(shard, rows)
         if not bool(seen.any()):  # the first epoch: compute as without a cache, keep a copy
             cf, full = self._compute(batch)

@@ -23,10 +23,13 @@ def tensor_digest(tensors: Iterable[torch.Tensor | None], digest: Any = None) ->
             digest.update(b"<none>")
             continue
         t = t.detach()
+        if hasattr(t, "full_tensor"):  # a DTensor (FSDP-sharded weights): hash the whole tensor, as unsharded
+            t = t.full_tensor()
         digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
         if t.device.type == "meta" or t.numel() == 0:
             continue
-        digest.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        # A copy: .numpy() of the tensor's own storage would pin it as non-resizable, which breaks FSDP's resharding.
+        digest.update(t.cpu().reshape(-1).clone().view(torch.uint8).numpy())
     return digest
 
 

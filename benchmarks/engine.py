@@ -177,6 +177,11 @@ def measure_memory(args) -> dict:
         base = reset_peak_rss()
         plain_step(model, clean)()
         return {"peak_bytes": peak_rss_bytes() - base}
+    if args.memory_only == "frozen":
+        with frozen_parameters(model):
+            base = reset_peak_rss()
+            residual_grad_step(model, clean)()
+            return {"peak_bytes": peak_rss_bytes() - base}
     with frozen_parameters(model), tep.masked(model, input_nodes=args.input_nodes) as mm:
         step = edge_pruning_step(mm, clean, corrupted, per_step_counterfactual=True)  # counts ỹ and the target
         base = reset_peak_rss()
@@ -270,9 +275,10 @@ def report(r: dict) -> None:
         if key in r:
             print(f"RATIO {label} / plain fwd+bwd: {r[key]['median'] / plain:.2f}x (medians)")
     if "peak_plain" in r:
-        print(f"peak memory of one step: plain {r['peak_plain'] / 2**20:.0f} MiB, Edge Pruning step with its ỹ and target "
-              f"{r['peak_ep'] / 2**20:.0f} MiB")
-        print(f"RATIO peak memory Edge Pruning step / plain: {r['peak_ep'] / r['peak_plain']:.2f}x")
+        print(f"peak memory of one step: frozen fwd+bwd {r['peak_frozen'] / 2**20:.0f} MiB, training step "
+              f"{r['peak_plain'] / 2**20:.0f} MiB, Edge Pruning step with its ỹ and target {r['peak_ep'] / 2**20:.0f} MiB")
+        print(f"RATIO peak memory Edge Pruning step / frozen fwd+bwd: {r['peak_ep'] / r['peak_frozen']:.2f}x")
+        print(f"RATIO peak memory Edge Pruning step / training step: {r['peak_ep'] / r['peak_plain']:.2f}x")
 
 
 def main() -> None:
@@ -286,7 +292,7 @@ def main() -> None:
     ap.add_argument("--json", action="store_true", help="print one JSON line instead of the report")
     ap.add_argument("--only-step", action="store_true", help="plain and core step only (for benchmarks/peers.py)")
     ap.add_argument("--no-memory", action="store_true")
-    ap.add_argument("--memory-only", choices=["plain", "masked"], help=argparse.SUPPRESS)
+    ap.add_argument("--memory-only", choices=["plain", "frozen", "masked"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.memory_only:
         print(json.dumps(measure_memory(args)))
@@ -296,6 +302,7 @@ def main() -> None:
         extra = ["--model", args.model, "--dtype", args.dtype, "--batch", str(args.batch), "--seq", str(args.seq),
                  "--input-nodes", args.input_nodes, "--memory-only"]
         r["peak_plain"] = in_subprocess(os.path.abspath(__file__), *extra, "plain")["peak_bytes"]
+        r["peak_frozen"] = in_subprocess(os.path.abspath(__file__), *extra, "frozen")["peak_bytes"]
         r["peak_ep"] = in_subprocess(os.path.abspath(__file__), *extra, "masked")["peak_bytes"]
     print(json.dumps(r)) if args.json else report(r)
 

@@ -131,13 +131,15 @@ def eap(
             batch = batch.to(mm.device)
             cf = source(batch)
             z = graph.ones(device=mm.device).requires_grad_(True)
+            # the default metric reads scored positions only: only those are unembedded (a user's metric gets all)
+            at = batch.positions if metric_fn is default_metric else None
             if gradient_at == "corrupted":  # one gradient at α = 0: the corrupted run, with the clean deltas
-                _integrated_gradients(mm, batch, cf, z, metric_fn, 1, "left")
+                _integrated_gradients(mm, batch, cf, z, metric_fn, 1, "left", at)
             elif ig_steps is None:
-                metric_fn(mm(batch.clean, cf, z, attention_mask=batch.attention_mask,
+                metric_fn(mm(batch.clean, cf, z, attention_mask=batch.attention_mask, logits_at=at,
                              position_classes=mm.position_classes_of(batch)), batch).backward()
             else:
-                _integrated_gradients(mm, batch, cf, z, metric_fn, ig_steps, ig_grid)
+                _integrated_gradients(mm, batch, cf, z, metric_fn, ig_steps, ig_grid, at)
             total += z.grad.detach().double().cpu() * len(batch)
         scores = (total / len(data)) * graph.valid_mask()
     method = f"eap-ig({ig_steps})" if ig_steps else "eap"
@@ -151,7 +153,7 @@ def eap(
 
 
 def _integrated_gradients(mm: MaskedModel, batch: PairedData, cf, z: torch.Tensor, metric_fn: Metric, steps: int,
-                          grid: str = "right") -> None:
+                          grid: str = "right", logits_at: torch.Tensor | None = None) -> None:
     """Accumulate (1/m) Σ_k grad at inputs interpolated from corrupted (α=0) to clean (α=1) into z.grad: at
     α = k/m for k = 1..m ("right") or k = 0..m−1 ("left")."""
     clean_y = mm.writer_outputs(batch.clean, batch.attention_mask)
@@ -168,5 +170,5 @@ def _integrated_gradients(mm: MaskedModel, batch: PairedData, cf, z: torch.Tenso
 
         with mm.extra_hooks([("blocks.0.hook_resid_pre", interpolate)]):
             logits = mm(batch.clean, cf, z, attention_mask=batch.attention_mask, fixed_deltas=deltas,
-                        position_classes=mm.position_classes_of(batch))
+                        logits_at=logits_at, position_classes=mm.position_classes_of(batch))
         (metric_fn(logits, batch) / steps).backward()

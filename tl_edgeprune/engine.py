@@ -24,7 +24,8 @@ from .errors import EdgePruneError, HookFiringError, UnsupportedModelError
 from .fused_qkv import mixed_projection
 from .graph import Graph, GraphSpec, InputNodes, ReaderGroup, WriterChunk
 from .layer_start import CleanStarts, LayerStart
-from .mixing import BufferPool, DeltaBuffer, PositionLayout, Window, mix_rest, mix_window, plan_windows, write
+from .mixing import (BufferPool, DeltaBuffer, PositionLayout, SparseMixing, Window, mix_rest, mix_window,
+                     plan_windows, write)
 
 # Relative tolerance of the attach-time check that the residual stream is the sum of the writers.
 IDENTITY_TOL = {torch.float64: 1e-9, torch.float32: 1e-4}
@@ -576,6 +577,8 @@ class MaskedModel:
             run.buffer = self._pool.buffer(self.graph.n_writers, y.shape[1:], y.dtype, y.device, run.in_place)
             run.buffer.coef_zero = run.removes_nothing
             run.buffer.layout = run.layout
+            if not torch.is_grad_enabled() and run.layout is None and not run.removes_nothing:
+                run.buffer.sparse = SparseMixing(run.buffer.values[0])  # products may skip 0 (or −1) coefficients
         else:
             run.buffer = DeltaBuffer(self.graph.n_writers, y.shape[1:], y.dtype, y.device)
 

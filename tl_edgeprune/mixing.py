@@ -76,6 +76,9 @@ class DeltaBuffer:
         self.coef_zero = False
         self.scratch_filled: dict[int, set[int]] = {}  # window -> offsets whose gradients are gathered
         self.layout: PositionLayout | None = None  # positional graphs: positions stored sorted by class
+        # A forward without gradients (ACDC's candidates, circuit evaluation): products may skip the writers a
+        # window's coefficients leave at 0, or take the running sum of every delta and correct the rows not at −1.
+        self.sparse: SparseMixing | None = None
 
     def column_segments(self) -> list[tuple[int, int, int]]:
         """(class, first, last) columns of each non-empty class in the [row, batch·pos·d_model] view."""
@@ -162,6 +165,56 @@ class DeltaBuffer:
             if not done:
                 self.grad[start + i].zero_()
         return self.grad[start:stop]
+
+
+class SparseMixing:
+    """Products ``coefᵀ·rows`` that skip work where a forward's coefficients allow (no gradients, ordinary graph).
+
+    Binary masks far from all-ones or all-zeros are the rule in ACDC and in circuit evaluation: coefficients are 0
+    (kept edge) or −1 (removed). A product reads only the writer rows with a nonzero coefficient, or, when most are
+    −1, starts from −Σ of its rows (prefix sums, kept as writers are written) and corrects the rows that are not −1
+    for every reader. Exact up to float rounding (the sum is ordered differently)."""
+
+    def __init__(self, like: torch.Tensor, dense_above: float = 0.5):
+        self.prefix_sums = {0: torch.zeros_like(like).view(-1)}  # rows written -> Σ of those rows
+        self.written = 0
+        self.dense_above = dense_above  # fraction of rows beyond which the plain GEMM is cheaper
+
+    def add(self, start: int, stop: int, target: torch.Tensor) -> None:
+        """Writers [start, stop) were written; prefix sums exist only while writers arrive in row order."""
+        if start != self.written:
+            self.prefix_sums.clear()  # out of order: every later product is the plain GEMM
+            return
+        self.prefix_sums[stop] = self.prefix_sums[start] + target.reshape(stop - start, -1).sum(0)
+        self.written = stop
+
+    def product(self, coef: torch.Tensor, buffer: "DeltaBuffer", start: int, stop: int, out: torch.Tensor,
+                accumulate: bool) -> None:
+        """out (+)= coefᵀ·delta[start:stop] (coef [stop − start, reader], out [reader, batch·pos·d_model])."""
+        rows = buffer.rows(start, stop)
+        n = stop - start
+        nonzero = (coef != 0).any(1).nonzero().flatten()
+        off_minus_one = (coef != -1).any(1).nonzero().flatten()
+        sums = self.prefix_sums
+        use_complement = len(off_minus_one) < len(nonzero) and start in sums and stop in sums
+        picked = off_minus_one if use_complement else nonzero
+        if len(picked) > self.dense_above * n:
+            if accumulate:
+                out.addmm_(coef.t(), rows)
+            else:
+                torch.mm(coef.t(), rows, out=out)
+            return
+        if use_complement:  # −Σ rows, plus (coef + 1)·rows on the rows that are not −1 for every reader
+            row_sum = sums[stop] - sums[start]
+            if accumulate:
+                out.sub_(row_sum)
+            else:
+                torch.neg(row_sum.expand_as(out), out=out)
+        elif not accumulate:
+            out.zero_()
+        if len(picked):
+            c = (coef + 1 if use_complement else coef).index_select(0, picked).t()
+            out.addmm_(c, rows.index_select(0, picked))
 
 
 class BufferPool:
@@ -252,6 +305,8 @@ class _Write(Function):
             target.copy_(y)
         else:  # y may lack the batch (a [1, pos, d_model] positional embedding): expand it, never resize target
             torch.sub(y.expand(target.shape), counterfactual, out=target)
+        if buffer.sparse is not None:
+            buffer.sparse.add(start, stop, target)
         ctx.buffer, ctx.start, ctx.stop = buffer, start, stop
         return y.new_zeros(())
 
@@ -274,6 +329,8 @@ class _MixWindow(Function):
         products = buffer.window_products(window.index, window.n_readers)
         if buffer.coef_zero:
             products.zero_()
+        elif buffer.sparse is not None:
+            buffer.sparse.product(coef[0], buffer, 0, window.prefix, products.view(window.n_readers, -1), accumulate=False)
         else:
             out, rows = products.view(window.n_readers, -1), buffer.rows(0, window.prefix)
             for c, a, b in buffer.column_segments():
@@ -313,8 +370,11 @@ class _MixRest(Function):
         products = buffer.window_products(window.index, window.n_readers)[offset : offset + n_out]
         if stop > window.prefix and not buffer.coef_zero:
             out, rows = products.view(n_out, -1), buffer.rows(window.prefix, stop)
-            for c, a, b in buffer.column_segments():
-                out[:, a:b].addmm_(coef[c].t(), rows[:, a:b])
+            if buffer.sparse is not None:
+                buffer.sparse.product(coef[0], buffer, window.prefix, stop, out, accumulate=True)
+            else:
+                for c, a, b in buffer.column_segments():
+                    out[:, a:b].addmm_(coef[c].t(), rows[:, a:b])
         ctx.save_for_backward(coef)
         ctx.buffer, ctx.window, ctx.offset, ctx.stop = buffer, window, offset, stop
         ctx.split_sizes, ctx.n_tokens = split_sizes, len(tokens)

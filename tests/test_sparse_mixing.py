@@ -50,7 +50,7 @@ def test_no_grad_forwards_equal_plain_patching_and_the_dense_path(model_id, toke
 
 
 def test_sparse_products_pick_each_form():
-    """The three forms of SparseMixing's product on a hand-made window (few nonzero rows, mostly −1, dense), each
+    """The three forms of SparseMixing's product on a hand-made window (few nonzero coefficients, mostly −1, dense), each
     equal to the plain GEMM, for the shared prefix and for the rows written after it; and the plain GEMM when the
     writers arrive out of order (no prefix sums)."""
     from types import SimpleNamespace
@@ -64,7 +64,7 @@ def test_sparse_products_pick_each_form():
                  -torch.ones(10, 3, dtype=torch.float64).index_fill_(0, torch.tensor([2, 8]), 0.0),
                  -torch.rand(10, 3, generator=gen, dtype=torch.float64)):
         for in_order in (True, False):
-            sparse = SparseMixing(rows[0])
+            sparse = SparseMixing(rows[0], sparse_below=0.5)  # small window: force the sparse forms
             sparse.add(0, 6, rows[:6]) if in_order else sparse.add(2, 6, rows[2:6])
             out = torch.empty(3, 7, dtype=torch.float64)
             sparse.product(coef[:6], buffer, 0, 6, out, accumulate=False)

@@ -83,12 +83,15 @@ class MaskedModel:
         position_classes: Sequence[str] = (),
         check_identity: bool = True,
         fused_qkv: bool | None = None,
+        sparse_mixing: bool = True,
     ):
         """``position_classes``: for a positional graph (when ``graph`` is not given), the names of the classes;
         every masked forward then takes ``position_classes=`` [batch, pos] class indices.
         ``fused_qkv``: compute each head's q/k/v from the shared residual plus its reader's correction
         (fused_qkv.py) instead of TransformerLens's split-q/k/v path; default: wherever the model allows it
-        (HookedTransformer and the Tracr twin in float32/64; ``adapter.attention_norm``), False forces TL's path."""
+        (HookedTransformer and the Tracr twin in float32/64; ``adapter.attention_norm``), False forces TL's path.
+        ``sparse_mixing``: forwards without gradients skip the coefficients a binary mask leaves at 0 or −1
+        (mixing.SparseMixing); False keeps the dense products (for comparisons)."""
         self.adapter = ModelAdapter(model)
         self.model = model
         norms = [self.adapter.attention_norm(layer) for layer in range(int(model.cfg.n_layers))]
@@ -98,6 +101,7 @@ class MaskedModel:
                 f"fused_qkv=True: the engine cannot compute this model's per-head q/k/v itself ({type(model).__name__}, "
                 f"{self.adapter.dtype}; see ModelAdapter.attention_norm). Leave fused_qkv unset to use TL's split path.")
         self.fused_qkv = supported if fused_qkv is None else bool(fused_qkv)
+        self.sparse_mixing = bool(sparse_mixing)
         model_spec = GraphSpec.from_config(model.cfg)
         if graph is None:
             graph = Graph.from_spec(model_spec, input_nodes, position_classes)
@@ -556,7 +560,7 @@ class MaskedModel:
             return forward()
         with self.adapter.hooks([(self.adapter.unembed_input_hook, lambda x, hook: x[at].unsqueeze(0))]):
             logits = forward()
-        return logits.new_zeros((*at.shape, logits.shape[-1])).index_put((at,), logits[0])
+        return logits.new_zeros((*at.shape, logits.shape[-1])).index_put_((at,), logits[0])  # in place: no copy
 
     def _replay_writers(self, run: _Run) -> None:
         """The writers before the start layer, stored from the clean run exactly as their hooks would store them."""
@@ -577,7 +581,7 @@ class MaskedModel:
             run.buffer = self._pool.buffer(self.graph.n_writers, y.shape[1:], y.dtype, y.device, run.in_place)
             run.buffer.coef_zero = run.removes_nothing
             run.buffer.layout = run.layout
-            if not torch.is_grad_enabled() and run.layout is None and not run.removes_nothing:
+            if self.sparse_mixing and not torch.is_grad_enabled() and run.layout is None and not run.removes_nothing:
                 run.buffer.sparse = SparseMixing(run.buffer.values[0])  # products may skip 0 (or −1) coefficients
         else:
             run.buffer = DeltaBuffer(self.graph.n_writers, y.shape[1:], y.dtype, y.device)
@@ -712,7 +716,8 @@ class MaskedModel:
             # residual's own gradient comes through the model's path.
             mixed = mixed_projection(part, resid.detach(), norm, W, b)
             return activation + (mixed - mixed.detach())
-        return mixed_projection(part, resid, norm, W, b)
+        scratch = None if torch.is_grad_enabled() else self._pool.scratch(part.shape, part.dtype, part.device)
+        return mixed_projection(part, resid, norm, W, b, scratch)
 
     def _reader_hook(self, group_index: int, offset: int, size: int, per_head: bool):
         group = self.graph.reader_groups[group_index]

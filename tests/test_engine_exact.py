@@ -3,11 +3,14 @@
 Tolerance: 1e-5 absolute on float32 logits (observed errors are ~1e-7; logits are O(1)).
 """
 
+import contextlib
+
 import pytest
 import torch
 
 import tl_edgeprune as tep
 from tl_edgeprune.adapter import ModelAdapter
+from tl_edgeprune.edge_pruning import frozen_parameters
 from tl_edgeprune.tracr_models import load_tracr
 
 from .conftest import DEFAULT_ID, HAS_HOOKED, MODEL_IDS, make_model, model_ids
@@ -145,7 +148,9 @@ def test_single_edges_under_mean_and_zero_ablation(model_id, kind, tokens):
 
 
 @pytest.mark.parametrize("kind", ["interchange", "mean", "zero"])
-def test_gradient_at_one_is_the_eap_formula(any_model, tokens, kind):
+@pytest.mark.parametrize("frozen", [True, False], ids=["frozen", "weights-with-grad"])
+def test_gradient_at_one_is_the_eap_formula(any_model, tokens, kind, frozen):
+    """Frozen weights (EAP's case) take the fused q/k/v's shared-input backward; weights with gradients, autograd's."""
     clean, corrupted = tokens
     weights = torch.randn(any_model.cfg.d_vocab, generator=torch.Generator().manual_seed(7))
 
@@ -154,7 +159,7 @@ def test_gradient_at_one_is_the_eap_formula(any_model, tokens, kind):
 
     expected = eap_scores(any_model, tep.Graph.from_model(any_model), clean,
                           counterfactual_outputs(any_model, kind, corrupted), metric)
-    with tep.masked(any_model) as mm:
+    with frozen_parameters(any_model) if frozen else contextlib.nullcontext(), tep.masked(any_model) as mm:
         cf = engine_counterfactual(mm, kind, corrupted)
         z = mm.graph.ones().requires_grad_(True)
         metric(mm(clean, cf, z)).backward()
@@ -208,7 +213,8 @@ def test_gradient_at_fractional_masks_matches_finite_differences(model_id, token
     model = make_model(model_id, dtype=torch.float64)
     clean, corrupted = tokens
     gen = torch.Generator().manual_seed(3)
-    with tep.masked(model) as mm:
+    # frozen weights, as every method runs (the fused q/k/v path then takes its written-out backward)
+    with frozen_parameters(model), tep.masked(model) as mm:
         cf = mm.interchange(corrupted)
         g = mm.graph
         z0 = torch.rand(g.shape, generator=gen, dtype=torch.float64)

@@ -2,6 +2,8 @@
 that has it: same logits and mask gradients at random fractional masks, ordinary and positional graphs. 1e-5 in
 float32 (the engine's other tests compare both paths with plain TL hooks)."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -28,12 +30,18 @@ def masked_run(model, fused, clean, corrupted, classes=None, seed=0):
 
 @pytest.mark.parametrize("model_id", HOOKED)
 @pytest.mark.parametrize("positional", [False, True])
-def test_fused_qkv_equals_tl_split_path(model_id, positional, tokens):
+@pytest.mark.parametrize("frozen", [True, False], ids=["frozen", "weights-with-grad"])
+def test_fused_qkv_equals_tl_split_path(model_id, positional, frozen, tokens):
+    """Frozen weights (every method's case) take the written-out backward (fused_qkv._NormProject); weights that
+    need gradients take autograd's own path."""
+    from tl_edgeprune.edge_pruning import frozen_parameters
+
     model = make_model(model_id)
     clean, corrupted = tokens
     classes = torch.randint(0, 2, clean.shape, generator=torch.Generator().manual_seed(1)) if positional else None
-    fused = masked_run(model, None, clean, corrupted, classes)
-    split = masked_run(model, False, clean, corrupted, classes)
+    with frozen_parameters(model) if frozen else contextlib.nullcontext():
+        fused = masked_run(model, None, clean, corrupted, classes)
+        split = masked_run(model, False, clean, corrupted, classes)
     assert fused[3] == ("shortformer" not in model_id) and not split[3]
     for a, b, what in zip(fused[:3], split[:3], ("logits", "edge-mask gradient", "node-mask gradient")):
         torch.testing.assert_close(a, b, atol=ATOL, rtol=0, msg=what)

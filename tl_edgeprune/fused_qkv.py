@@ -15,6 +15,7 @@ from typing import Literal
 
 import torch
 from jaxtyping import Float
+from torch.autograd import Function
 
 
 @dataclass(frozen=True)
@@ -38,26 +39,137 @@ def mixed_projection(
     """``norm(resid + part_r)·W_r + b_r`` for every reader r, laid out as TransformerLens's q/k/v.
 
     The inputs are formed once, reader-major; the norm's statistics come from them (mean and mean square; centred
-    by the shared residual's mean first, so the difference loses nothing) and its scaling is applied after the projection, in d_head space, so no normalised copy is ever written."""
+    by the shared residual's mean first, so the difference loses nothing) and its scaling is applied after the
+    projection, in d_head space, so no normalised copy is ever written. The backward is written out
+    (``_NormProject``): one GEMM and two in-place passes over the inputs, where autograd's took five fresh tensors
+    and a strided GEMM (docs/performance.md). With weights that need gradients, autograd's own path runs."""
     n, batch, pos, d = part.shape
     e = W.shape[-1]
     if norm.kind == "ln":  # LayerNorm ignores a per-position shift: centre the shared residual once, so each
         resid = resid - resid.mean(-1, keepdim=True)  # reader's input has a small mean and E[x²] − E[x]² is safe
-    # [reader, batch, pos, d_model], never the parts' storage (lent to later readers). ``scratch``: storage to write it
-    # into when nothing keeps it (no gradients): a fresh tensor of this size page-faults on CPU, costing 3x the add.
-    x = resid + part if scratch is None else torch.add(part, resid, out=scratch)
-    if norm.kind == "none":
-        return (torch.bmm(x.view(n, batch * pos, d), W).view(n, batch, pos, e) + b[:, None, None, :]).permute(1, 2, 0, 3)
     Wg = W if norm.weight is None else W * norm.weight[None, :, None]
     const = b if norm.bias is None else b + torch.einsum("d,nde->ne", norm.bias, W)
-    proj = torch.bmm(x.view(n, batch * pos, d), Wg).view(n, batch, pos, e)
-    # Statistics from two plain reductions (torch's var_mean was 20x slower on CPU: docs/performance.md).
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (W, b, norm.weight, norm.bias)):
+        out = _autograd_projection(part, resid, norm, Wg, const)
+    else:
+        out = _NormProject.apply(part, resid, Wg, const, norm.kind, norm.eps, scratch)
+    return out.view(n, batch, pos, e).permute(1, 2, 0, 3)
+
+
+def _autograd_projection(part, resid, norm: Norm, Wg, const) -> torch.Tensor:
+    """The same arithmetic as ``_NormProject`` through autograd (for weights that take gradients)."""
+    n, batch, pos, d = part.shape
+    x = (resid + part).view(n, batch * pos, d)
+    proj = torch.bmm(x, Wg)
+    if norm.kind == "none":
+        return proj + const[:, None, :]
     square_mean = torch.linalg.vector_norm(x, dim=-1).square() / d
+    var = square_mean
     if norm.kind == "ln":
         mean = x.mean(-1)
         var = square_mean - mean.square()
-        proj = proj - mean[..., None] * Wg.sum(1)[:, None, None, :]  # (x − mean)·γW
-    else:  # rms
-        var = square_mean
-    out = torch.rsqrt(var + norm.eps)[..., None] * proj + const[:, None, None, :]
-    return out.permute(1, 2, 0, 3)
+        proj = proj - mean[..., None] * Wg.sum(1)[:, None, :]
+    return torch.rsqrt(var + norm.eps)[..., None] * proj + const[:, None, :]
+
+
+class _NormProject(Function):
+    """[reader, batch·pos, d_head] = rstd·(x·γW − mean·Σ_d γW) + const, x = resid + part_r (rstd, mean per row)."""
+
+    @staticmethod
+    def forward(ctx, part, resid, Wg, const, kind: str, eps: float, scratch):
+        n, batch, pos, d = part.shape
+        # never the parts' storage (lent to later readers); ``scratch`` when nothing keeps x (no gradients): a fresh
+        # tensor of this size page-faults on CPU, costing 3x the add
+        x = torch.add(part, resid, out=scratch) if scratch is not None and not any(ctx.needs_input_grad[:2]) \
+            else part + resid
+        x = x.view(n, batch * pos, d)
+        proj = torch.bmm(x, Wg)
+        ctx.kind, ctx.shapes = kind, (part.shape, resid.shape)
+        if kind == "none":
+            ctx.save_for_backward(Wg)
+            return proj.add_(const[:, None, :])
+        var = torch.linalg.vector_norm(x, dim=-1).square_().div_(d)  # E[x²]
+        mean = None
+        if kind == "ln":
+            mean = x.mean(-1)
+            var.sub_(mean.square())
+            colsum = Wg.sum(1)
+            proj.sub_(mean[..., None] * colsum[:, None, :])  # (x − mean)·γW
+        rstd = torch.rsqrt(var.add_(eps))
+        ctx.save_for_backward(Wg, x, proj, rstd, mean)
+        return torch.addcmul(const[:, None, :], rstd[..., None], proj)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        part_shape, resid_shape = ctx.shapes
+        go = grad_out.contiguous()  # the q/k/v layout's permuted view: a strided GEMM below was ~4x slower
+        if ctx.kind == "none":
+            (Wg,) = ctx.saved_tensors
+            grad_x = torch.bmm(go, Wg.transpose(1, 2))
+        else:
+            Wg, x, centred, rstd, mean = ctx.saved_tensors
+            d = x.shape[-1]
+            g_proj = go * rstd[..., None]
+            g_var = (go * centred).sum(-1).mul_(rstd.pow(3)).mul_(-0.5)  # ∂/∂var through rstd
+            grad_x = torch.bmm(g_proj, Wg.transpose(1, 2))
+            grad_x.addcmul_(x, (g_var * (2.0 / d))[..., None])  # var's E[x²] part
+            if ctx.kind == "ln":  # the mean's part, through the centring and through var
+                g_mean = (g_proj * Wg.sum(1)[:, None, :]).sum(-1).add_(2 * mean * g_var).neg_()
+                grad_x.add_((g_mean / d)[..., None])
+        grad_part = grad_x.view(part_shape) if ctx.needs_input_grad[0] else None
+        grad_resid = grad_x.sum(0).view(resid_shape) if ctx.needs_input_grad[1] else None
+        return grad_part, grad_resid, None, None, None, None, None
+
+
+def unmixed_projection_gradient(
+    part: Float[torch.Tensor, "reader batch pos d_model"],
+    resid: Float[torch.Tensor, "batch pos d_model"],
+    norm: Norm,
+    W: Float[torch.Tensor, "reader d_model d_head"],
+) -> Float[torch.Tensor, "batch pos reader d_head"]:
+    """Zeros laid out as TransformerLens's q/k/v, whose gradient to ``part`` is that of ``mixed_projection`` at
+    part = 0: every mask 1 (EAP's gradient at z = 1), where each reader's input is the shared residual itself.
+
+    Nothing per reader is computed forward (the value is the model's own q/k/v), and backward needs one GEMM per
+    reader and the norm's statistics of the one shared input, not of a copy per reader (``_SharedInput``)."""
+    n, batch, pos, d = part.shape
+    x = resid.detach().reshape(batch * pos, d)
+    if norm.kind == "ln":
+        x = x - x.mean(-1, keepdim=True)  # LayerNorm ignores the shift (as in mixed_projection)
+    Wg = W if norm.weight is None else W * norm.weight[None, :, None]
+    out = _SharedInput.apply(part, x, Wg.detach(), norm.kind, norm.eps)
+    return out.view(n, batch, pos, -1).permute(1, 2, 0, 3)
+
+
+class _SharedInput(Function):
+    """Backward of rstd·(x·γW_r − mean·Σ_d γW_r) at x_r = x for every reader r, x shared: with u_r = g_r·(γW_r)ᵀ,
+    ∂/∂x_r = rstd·u_r + (2/d)·x·g_var + g_mean/d, g_var = −½·rstd³·(x·u_r), g_mean = −rstd·Σ_d u_r − 2·mean·g_var."""
+
+    @staticmethod
+    def forward(ctx, part, x, Wg, kind: str, eps: float):
+        n, batch, pos, d = part.shape
+        ctx.kind, ctx.part_shape = kind, part.shape
+        rstd = mean = None
+        if kind != "none":
+            var = torch.linalg.vector_norm(x, dim=-1).square_().div_(d)
+            if kind == "ln":
+                mean = x.mean(-1)
+                var.sub_(mean.square())
+            rstd = torch.rsqrt(var.add_(eps))
+        ctx.save_for_backward(x, Wg, rstd, mean)
+        return part.new_zeros((n, batch * pos, Wg.shape[-1]))
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, Wg, rstd, mean = ctx.saved_tensors
+        u = torch.bmm(grad_out.contiguous(), Wg.transpose(1, 2))  # [reader, batch·pos, d_model]
+        if ctx.kind != "none":
+            d = x.shape[-1]
+            g_var = torch.einsum("rnd,nd->rn", u, x).mul_(rstd.pow(3)).mul_(-0.5)
+            if ctx.kind == "ln":
+                g_mean = u.sum(-1).mul_(rstd).add_(2 * mean * g_var).neg_()
+            u.mul_(rstd[..., None])
+            u.addcmul_(x.expand_as(u), (g_var * (2.0 / d))[..., None])
+            if ctx.kind == "ln":
+                u.add_((g_mean / d)[..., None])
+        return u.view(ctx.part_shape), None, None, None, None

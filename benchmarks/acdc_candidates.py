@@ -118,7 +118,7 @@ def main() -> None:
     plain = stats["times"]["plain forward"]
     old = stats["times"]["candidate, whole model, all positions unembedded"]
     rows = {"before (whole model, every position unembedded)": old,
-            "from the reader's layer, scored positions, dense products (tenth session)": dense_pass,
+            "from the reader's layer, scored positions, dense products": dense_pass,
             "now (from the reader's layer, scored positions, sparse products)": avg}
     results = {"model": args.model, "n": args.n, "seq": args.seq, "threads": threads, "allocator": allocator_env(),
                "edges": graph.n_edges, "pass_weights": weights, "stats": {k: v for k, v in stats.items() if k != "times"}}
@@ -129,7 +129,7 @@ def main() -> None:
               f"max {ratios[-1]:.2f}); a pass over {graph.n_edges:,} candidates: {med * graph.n_edges / 3600:.1f} h, "
               f"{1 / med:.2f} candidates/s")
         results[name] = {"ratio_to_plain": ratios, "seconds": times}
-    for label, base in (("before", old), ("the tenth session's", dense_pass)):
+    for label, base in (("before", old), ("dense products", dense_pass)):
         speed = sorted(a / b for a, b in zip(base, avg))
         print(f"  candidates per second, now ÷ {label}: median {speed[len(speed) // 2]:.2f}x (min {speed[0]:.2f}, "
               f"max {speed[-1]:.2f})")

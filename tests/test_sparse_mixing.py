@@ -1,5 +1,5 @@
-"""Forwards without gradients (ACDC's candidates, circuit evaluation) mix only the writer rows a mask touches, or start
-from the sum of every delta and correct the rows that are kept (mixing.SparseMixing). Checked against plain
+"""Forwards without gradients (ACDC's candidates, circuit evaluation) mix only the coefficients a mask leaves nonzero,
+or start from the sum of every delta and add back the kept edges (mixing.SparseMixing). Checked against plain
 TransformerLens patching and against the dense path (the same forward with gradients on). Float32, 1e-5 absolute
 on O(1) logits, as the rest of the exactness suite."""
 
@@ -29,9 +29,9 @@ def test_no_grad_forwards_equal_plain_patching_and_the_dense_path(model_id, toke
         cf = mm.interchange(corrupted)
         graph = mm.graph
         with torch.no_grad():
-            zeros = mm(clean, cf, graph.zeros())  # every row −1: the running sum alone
+            zeros = mm(clean, cf, graph.zeros())  # every coefficient −1: the sum of the deltas alone
             names = graph.edge_names()
-            singles = {name: None for name in names[:: max(1, len(names) // 12)]}  # one row nonzero
+            singles = {name: None for name in names[:: max(1, len(names) // 12)]}  # one coefficient nonzero
             for name in singles:
                 z = graph.ones()
                 z[graph.edge_index(name)] = 0
@@ -50,9 +50,9 @@ def test_no_grad_forwards_equal_plain_patching_and_the_dense_path(model_id, toke
 
 
 def test_sparse_products_pick_each_form():
-    """The three forms of SparseMixing's product on a hand-made window (few nonzero coefficients, mostly −1, dense), each
-    equal to the plain GEMM, for the shared prefix and for the rows written after it; and the plain GEMM when the
-    writers arrive out of order (no prefix sums)."""
+    """The forms of SparseMixing's product on a hand-made window (few nonzero coefficients, mostly −1), each equal to
+    the plain GEMM, for the shared prefix and for the rows written after it; dense coefficients, and writers that
+    arrived out of order (no prefix sums) where −1 dominates, are left to the caller's plain GEMM."""
     from types import SimpleNamespace
 
     from tl_edgeprune.mixing import SparseMixing
@@ -60,15 +60,21 @@ def test_sparse_products_pick_each_form():
     gen = torch.Generator().manual_seed(0)
     rows = torch.randn(10, 7, generator=gen, dtype=torch.float64)
     buffer = SimpleNamespace(rows=lambda a, b: rows[a:b])
-    for coef in (torch.zeros(10, 3, dtype=torch.float64).index_fill_(0, torch.tensor([4]), -1.0),
-                 -torch.ones(10, 3, dtype=torch.float64).index_fill_(0, torch.tensor([2, 8]), 0.0),
-                 -torch.rand(10, 3, generator=gen, dtype=torch.float64)):
+    few_nonzero = torch.zeros(10, 3, dtype=torch.float64).index_fill_(0, torch.tensor([4]), -1.0)
+    mostly_minus_one = -torch.ones(10, 3, dtype=torch.float64).index_fill_(0, torch.tensor([2, 8]), 0.0)
+    dense = -torch.rand(10, 3, generator=gen, dtype=torch.float64)
+    for coef, name in ((few_nonzero, "sparse"), (mostly_minus_one, "complement"), (dense, "dense")):
         for in_order in (True, False):
             sparse = SparseMixing(rows[0], sparse_below=0.5)  # small window: force the sparse forms
             sparse.add(0, 6, rows[:6]) if in_order else sparse.add(2, 6, rows[2:6])
+            handled = name == "sparse" or (name == "complement" and in_order)
             out = torch.empty(3, 7, dtype=torch.float64)
-            sparse.product(coef[:6], buffer, 0, 6, out, accumulate=False)
+            assert sparse.product(coef[:6], buffer, 0, 6, out, accumulate=False) == handled
+            if not handled:  # the caller's plain GEMM
+                torch.mm(coef[:6].t(), rows[:6], out=out)
             torch.testing.assert_close(out, coef[:6].t() @ rows[:6], atol=1e-12, rtol=0)
             sparse.add(6, 10, rows[6:])
-            sparse.product(coef[6:], buffer, 6, 10, out, accumulate=True)
+            assert sparse.product(coef[6:], buffer, 6, 10, out, accumulate=True) == handled
+            if not handled:
+                out.addmm_(coef[6:].t(), rows[6:])
             torch.testing.assert_close(out, coef.t() @ rows, atol=1e-12, rtol=0)

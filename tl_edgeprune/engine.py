@@ -21,7 +21,7 @@ from jaxtyping import Bool, Float, Int
 from .adapter import ModelAdapter, post_norm_message
 from .counterfactual import Counterfactual
 from .errors import EdgePruneError, HookFiringError, UnsupportedModelError
-from .fused_qkv import mixed_projection, unmixed_projection_gradient
+from .fused_qkv import mixed_projection, unmixed_projection_gradient, weights_need_grad
 from .graph import Graph, GraphSpec, InputNodes, ReaderGroup, WriterChunk
 from .layer_start import CleanStarts, LayerStart
 from .mixing import (BufferPool, DeltaBuffer, PositionLayout, SparseMixing, Window, mix_rest, mix_window,
@@ -714,7 +714,7 @@ class MaskedModel:
             # Every mask 1 (EAP): the value is the model's own q/k/v bit for bit, and the gradient to the parts (the
             # masks' gradient) is that of the mix at part = 0 with the residual held, which is exact there; the
             # residual's own gradient comes through the model's path.
-            if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (W, norm.weight)):
+            if weights_need_grad(W, b, norm):
                 mixed = mixed_projection(part, resid.detach(), norm, W, b)
                 return activation + (mixed - mixed.detach())
             return activation + unmixed_projection_gradient(part, resid, norm, W)

@@ -74,13 +74,12 @@ class ExampleCache:
         if not self.enabled:
             return self._compute(batch)
         seen = self.filled[shard][rows.to(self.filled[shard].device)]
-        if self.lockstep:  # FSDP: forwards are collectives, so a rank whose rows are all seen may still have to run
-            if all_ranks(bool(seen.all())):
-                return self._gather(shard, rows)
-            if bool(seen.all()):  # another rank computes: run the same two forwards on one row, and discard them
-                self._compute(batch.select(slice(0, 1)))
-                return self._gather(shard, rows)
-        elif bool(seen.all()):
+        all_seen = bool(seen.all())
+        # FSDP: forwards are collectives, so a rank whose rows are all seen may still have to run them
+        if all_ranks(all_seen) if self.lockstep else all_seen:
+            return self._gather(shard, rows)
+        if all_seen:  # another rank computes: run the same two forwards on one row, and discard them
+            self._compute(batch.select(slice(0, 1)))
             return self._gather(shard, rows)
         if not bool(seen.any()):  # the first epoch: compute as without a cache, keep a copy
             cf, full = self._compute(batch)

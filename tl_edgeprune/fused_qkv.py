@@ -49,11 +49,17 @@ def mixed_projection(
         resid = resid - resid.mean(-1, keepdim=True)  # reader's input has a small mean and E[x²] − E[x]² is safe
     Wg = W if norm.weight is None else W * norm.weight[None, :, None]
     const = b if norm.bias is None else b + torch.einsum("d,nde->ne", norm.bias, W)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (W, b, norm.weight, norm.bias)):
+    if weights_need_grad(W, b, norm):
         out = _autograd_projection(part, resid, norm, Wg, const)
     else:
         out = _NormProject.apply(part, resid, Wg, const, norm.kind, norm.eps, scratch)
     return out.view(n, batch, pos, e).permute(1, 2, 0, 3)
+
+
+def weights_need_grad(W: torch.Tensor, b: torch.Tensor | None, norm: Norm) -> bool:
+    """Whether this forward must give the projection's or the norm's weights gradients: the written-out backwards
+    (``_NormProject``, ``_SharedInput``) give none, so autograd's own path runs then."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (W, b, norm.weight, norm.bias))
 
 
 def _autograd_projection(part, resid, norm: Norm, Wg, const) -> torch.Tensor:

@@ -77,8 +77,8 @@ class DeltaBuffer:
         self.coef_zero = False
         self.scratch_filled: dict[int, set[int]] = {}  # window -> offsets whose gradients are gathered
         self.layout: PositionLayout | None = None  # positional graphs: positions stored sorted by class
-        # A forward without gradients (ACDC's candidates, circuit evaluation): products may skip the writers a
-        # window's coefficients leave at 0, or take the running sum of every delta and correct the rows not at −1.
+        # A forward without gradients (ACDC's candidates, circuit evaluation): products may skip the coefficients
+        # left at 0, or start from the sum of every delta and add back the coefficients not at −1 (SparseMixing).
         self.sparse: SparseMixing | None = None
 
     def column_segments(self) -> list[tuple[int, int, int]]:
@@ -191,20 +191,17 @@ class SparseMixing:
         self.written = stop
 
     def product(self, coef: torch.Tensor, buffer: "DeltaBuffer", start: int, stop: int, out: torch.Tensor,
-                accumulate: bool) -> None:
-        """out (+)= coefᵀ·delta[start:stop] (coef [stop − start, reader], out [reader, batch·pos·d_model])."""
-        rows = buffer.rows(start, stop)
+                accumulate: bool) -> bool:
+        """out (+)= coefᵀ·delta[start:stop] (coef [stop − start, reader], out [reader, batch·pos·d_model]) if the
+        coefficients are sparse enough; False (nothing done) where the caller's plain GEMM is cheaper."""
+        shifted = coef + 1
         n_zero_off = int(torch.count_nonzero(coef))
-        n_minus_one_off = int(torch.count_nonzero(coef + 1))
+        n_minus_one_off = int(torch.count_nonzero(shifted))
         sums = self.prefix_sums
         use_complement = n_minus_one_off < n_zero_off and start in sums and stop in sums
         nnz = n_minus_one_off if use_complement else n_zero_off
         if nnz > self.sparse_below * coef.numel():
-            if accumulate:
-                out.addmm_(coef.t(), rows)
-            else:
-                torch.mm(coef.t(), rows, out=out)
-            return
+            return False
         if use_complement:  # −Σ rows, plus (coef + 1)·rows on the (writer, reader) pairs not removed
             row_sum = sums[stop] - sums[start]
             if accumulate:
@@ -214,10 +211,11 @@ class SparseMixing:
         elif not accumulate:
             out.zero_()
         if nnz:
-            c = (coef + 1 if use_complement else coef).t()
+            c = (shifted if use_complement else coef).t()
             with warnings.catch_warnings():  # "sparse CSR support is in beta": the product itself is plain
                 warnings.simplefilter("ignore", UserWarning)
-                torch.addmm(out, c.to_sparse_csr(), rows, out=out)
+                torch.addmm(out, c.to_sparse_csr(), buffer.rows(start, stop), out=out)
+        return True
 
 
 class BufferPool:
@@ -342,9 +340,8 @@ class _MixWindow(Function):
         products = buffer.window_products(window.index, window.n_readers)
         if buffer.coef_zero:
             products.zero_()
-        elif buffer.sparse is not None:
-            buffer.sparse.product(coef[0], buffer, 0, window.prefix, products.view(window.n_readers, -1), accumulate=False)
-        else:
+        elif buffer.sparse is None or not buffer.sparse.product(coef[0], buffer, 0, window.prefix,
+                                                                 products.view(window.n_readers, -1), accumulate=False):
             out, rows = products.view(window.n_readers, -1), buffer.rows(0, window.prefix)
             for c, a, b in buffer.column_segments():
                 torch.mm(coef[c].t(), rows[:, a:b], out=out[:, a:b])
@@ -383,9 +380,8 @@ class _MixRest(Function):
         products = buffer.window_products(window.index, window.n_readers)[offset : offset + n_out]
         if stop > window.prefix and not buffer.coef_zero:
             out, rows = products.view(n_out, -1), buffer.rows(window.prefix, stop)
-            if buffer.sparse is not None:
-                buffer.sparse.product(coef[0], buffer, window.prefix, stop, out, accumulate=True)
-            else:
+            if buffer.sparse is None or not buffer.sparse.product(coef[0], buffer, window.prefix, stop, out,
+                                                                  accumulate=True):
                 for c, a, b in buffer.column_segments():
                     out[:, a:b].addmm_(coef[c].t(), rows[:, a:b])
         ctx.save_for_backward(coef)

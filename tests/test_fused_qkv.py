@@ -62,3 +62,42 @@ def test_fused_qkv_in_bfloat16_falls_back_to_tl(model_id):
     model = make_model(model_id, dtype=torch.bfloat16)
     with tep.masked(model) as mm:
         assert not mm.fused_qkv  # TL's norms compute in float32 there; the split path keeps that
+
+
+@pytest.mark.parametrize("model_id", [m for m in HOOKED if "shortformer" not in m])
+def test_tl_own_qkv_projection_skipped_only_where_unread(model_id, tokens):
+    """Under the fused path TL's own q/k/v of the normed residual are replaced, so the engine hands that projection
+    zero positions; EAP's every-mask-1 forward reads them (full width), and so does a user's observer hook there.
+    The logits stay TL's split path's either way (1e-5, float32)."""
+    model = make_model(model_id)
+    clean, corrupted = tokens
+    widths = []
+
+    def width(module, args, kwargs):
+        widths.append(kwargs["query_input"].shape[1])
+
+    handles = [block.attn.register_forward_pre_hook(width, with_kwargs=True) for block in model.blocks]
+    z = torch.rand(tep.Graph.from_model(model).shape, generator=torch.Generator().manual_seed(0))
+    try:
+        with tep.masked(model, fused_qkv=False) as mm:
+            reference = mm(clean, mm.interchange(corrupted), z)
+        with tep.masked(model) as mm:
+            assert mm.fused_qkv
+            cf = mm.interchange(corrupted)  # the model's own forward: full width
+            widths.clear()
+            logits = mm(clean, cf, z)
+            assert widths == [0] * model.cfg.n_layers
+            torch.testing.assert_close(logits, reference, atol=ATOL, rtol=0)
+            cf = mm.interchange(corrupted)
+            widths.clear()
+            mm(clean, cf)  # every mask 1
+            assert widths == [clean.shape[1]] * model.cfg.n_layers
+            seen, cf = [], mm.interchange(corrupted)
+            with model.hooks([("blocks.0.ln1.hook_normalized", lambda x, hook: seen.append(x.shape[1]))]):
+                widths.clear()
+                logits = mm(clean, cf, z)
+            assert seen == [clean.shape[1]] * 3 and widths[0] == clean.shape[1] and widths[1:] == [0] * (len(widths) - 1)
+            torch.testing.assert_close(logits, reference, atol=ATOL, rtol=0)
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -10,7 +10,8 @@ from tl_edgeprune.errors import EdgePruneError
 from tl_edgeprune.layer_start import LayerStart
 from tl_edgeprune.tracr_models import load_tracr
 
-from .conftest import DEFAULT_ID, HAS_HOOKED, MODEL_IDS, make_model
+from .conftest import DEFAULT_ID, DEVICE, HAS_HOOKED, MODEL_IDS, make_model
+from .models import HOOKED_ARCHS, hooked_model
 from .reference import patch_one_edge
 from .test_engine_exact import counterfactual_outputs, engine_counterfactual
 
@@ -127,3 +128,51 @@ def test_start_refuses_what_it_cannot_do(tokens):
         with pytest.raises(EdgePruneError, match="no_grad"):
             mm(clean, cf, mask_after(graph, 1).requires_grad_(), start=starts.at(1))
     assert isinstance(starts.at(0), LayerStart)
+
+
+@pytest.mark.skipif(not HAS_HOOKED, reason="only a HookedTransformer starts at a layer (transformer-lens 3 leg)")
+@pytest.mark.parametrize("arch", [a for a in HOOKED_ARCHS if a != "shortformer"])
+@pytest.mark.parametrize("sparse", [True, False], ids=["sparse", "dense"])
+def test_consecutive_starts_reuse_the_clean_rows_exactly(arch, sparse, tokens, monkeypatch):
+    """ACDC's candidates start at non-increasing layers with one record and counterfactual: a forward from a layer
+    keeps the clean rows the previous one left (layer_start.ReplayedRows) and writes only its own layers' writers.
+    Every forward of the sequence (back up a layer, a whole-model forward between, another counterfactual, another
+    record of the same shape) equals the whole masked forward, 1e-5 in float32; masks keep 5 % or 95 % of the edges
+    after the start, so the sparse products take both the complement (prefix sums reused) and the sparse form."""
+    import tl_edgeprune.engine as engine
+
+    model = hooked_model(arch, n_layers=4).to(DEVICE)
+    clean, corrupted = tokens
+    writes = []
+    real_write = engine.write
+    monkeypatch.setattr(engine, "write", lambda y, cf, buffer, start, stop: writes.append(start) or
+                        real_write(y, cf, buffer, start, stop))
+    with torch.no_grad(), tep.masked(model, sparse_mixing=sparse) as mm:
+        assert mm.starts_at_layer()
+        graph, chunks = mm.graph, mm.graph.writer_chunks
+        interchange, mean = mm.interchange(corrupted), mm.mean(corrupted)
+        starts, other_starts = mm.clean_starts(clean), mm.clean_starts(corrupted)
+        last = graph.spec.n_layers - 1
+        sequence = [(last, 0.05, interchange, starts, False), (last, 0.95, interchange, starts, True),
+                    (last - 1, 0.05, interchange, starts, True), (last, 0.95, interchange, starts, "partly"),
+                    (None, 0.5, interchange, starts, False), (last, 0.05, interchange, starts, False),
+                    (last, 0.05, mean, starts, False), (last, 0.05, mean, starts, True),
+                    (last, 0.05, mean, other_starts, False), (last - 1, 0.95, mean, other_starts, True)]
+        for i, (layer, keep, cf, record, reused) in enumerate(sequence):
+            tokens_ = clean if record is starts else corrupted
+            mask = mask_after(graph, layer or 0, seed=i, keep=keep)
+            writes.clear()
+            if layer is None:
+                mm(tokens_, cf, mask)
+                continue
+            ours = mm(tokens_, cf, mask, start=record.at(layer))
+            own = [c.start for c in chunks if c.layer >= layer]
+            if reused is True:
+                assert writes == own, f"step {i}: wrote {writes}, expected only layer {layer}'s writers {own}"
+            elif reused is False:
+                assert writes == [c.start for c in chunks], f"step {i}: expected every writer written"
+            else:  # back up from a later layer: the rows between the two starts are replayed again
+                assert writes == [c.start for c in chunks if c.layer >= last - 1]
+            whole = mm(tokens_, cf, mask)
+            torch.testing.assert_close(ours, whole, atol=ATOL, rtol=0, msg=f"step {i}: layer {layer}")
+            mm(tokens_, cf, mask, start=record.at(layer))  # the whole forward dropped the record: written again

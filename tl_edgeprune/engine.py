@@ -23,7 +23,7 @@ from .counterfactual import Counterfactual
 from .errors import EdgePruneError, HookFiringError, UnsupportedModelError
 from .fused_qkv import mixed_projection, unmixed_projection_gradient, weights_need_grad
 from .graph import Graph, GraphSpec, InputNodes, ReaderGroup, WriterChunk
-from .layer_start import CleanStarts, LayerStart
+from .layer_start import CleanStarts, LayerStart, ReplayedRows
 from .mixing import (BufferPool, DeltaBuffer, PositionLayout, SparseMixing, Window, mix_rest, mix_window,
                      plan_windows, write)
 
@@ -130,6 +130,7 @@ class MaskedModel:
         self._expected_writer_firings = Counter({k: n for k, n in self._expected_firings.items() if k[0] == "w"})
         self._columns_before: dict[int, torch.Tensor] = {}  # per layer: reader columns of the groups before it
         self._resid_extra: dict[int, list[Any]] = {}  # per layer: extra_hooks at hook_resid_pre (fused q/k/v)
+        self._replayed: ReplayedRows | None = None  # clean rows the last forward from a layer left in its buffer
 
     # ------------------------------------------------------------------ context
     def __enter__(self) -> "MaskedModel":
@@ -170,6 +171,7 @@ class MaskedModel:
     def __exit__(self, *exc_info) -> None:
         stack, self._stack = self._stack, None
         self._run = None
+        self._replayed = None
         self._pool.clear()
         if stack is not None:
             stack.close()
@@ -563,21 +565,36 @@ class MaskedModel:
         return logits.new_zeros((*at.shape, logits.shape[-1])).index_put_((at,), logits[0])  # in place: no copy
 
     def _replay_writers(self, run: _Run) -> None:
-        """The writers before the start layer, stored from the clean run exactly as their hooks would store them."""
-        ys = run.start.writer_outputs
-        for ci, chunk in enumerate(self.graph.writer_chunks):
-            if chunk.layer >= run.start.layer:
-                break
-            y = ys[chunk.start : chunk.stop]
-            self._ensure_buffer(run, y)
-            cf = None if run.cf_values is None else run.cf_values[chunk.start : chunk.stop]
-            run.tokens[ci] = write(y, cf, run.buffer, chunk.start, chunk.stop)
+        """The writers before the start layer, stored from the clean run exactly as their hooks would store them;
+        rows the previous forward from a layer left holding the same clean deltas are kept (layer_start.ReplayedRows)."""
+        left, ys = self._replayed, run.start.writer_outputs  # read before _ensure_buffer drops it
+        chunks = [(ci, chunk) for ci, chunk in enumerate(self.graph.writer_chunks) if chunk.layer < run.start.layer]
+        if not chunks:
+            return
+        self._ensure_buffer(run, ys[:1])
+        buffer, sparse = run.buffer, run.buffer.sparse
+        memo = run.in_place is None and run.layout is None
+        kept = left.rows_for(buffer.values, ys, run.cf_values, sparse is not None) if memo and left else 0
+        token = ys.new_zeros(())
+        for ci, chunk in chunks:
             run.fired[("w", ci)] += 1
+            if chunk.stop <= kept:
+                buffer.written[chunk.start : chunk.stop] = [True] * (chunk.stop - chunk.start)
+                run.tokens[ci] = token
+                if sparse is not None:
+                    sparse.prefix_sums[chunk.stop], sparse.written = left.prefix_sums[chunk.stop], chunk.stop
+                continue
+            cf = None if run.cf_values is None else run.cf_values[chunk.start : chunk.stop]
+            run.tokens[ci] = write(ys[chunk.start : chunk.stop], cf, buffer, chunk.start, chunk.stop)
+        if memo:
+            sums = None if sparse is None else dict(sparse.prefix_sums)
+            self._replayed = ReplayedRows(buffer.values, ys, run.cf_values, chunks[-1][1].stop, sums)
 
     def _ensure_buffer(self, run: _Run, y: torch.Tensor) -> None:
         if run.buffer is not None:
             return
         if run.mode == "mix":  # capture buffers are handed to the caller: never reused
+            self._replayed = None  # this forward may write any row of the pooled storage
             run.buffer = self._pool.buffer(self.graph.n_writers, y.shape[1:], y.dtype, y.device, run.in_place)
             run.buffer.coef_zero = run.removes_nothing
             run.buffer.layout = run.layout
@@ -648,8 +665,10 @@ class MaskedModel:
     def _hook_list(self) -> list[tuple[str, Any]]:
         hooks = [(self._writer_hook_name(c), self._writer_hook(ci)) for ci, c in enumerate(self.graph.writer_chunks)]
         if self.fused_qkv:
-            hooks += [(f"blocks.{g.layer}.hook_resid_pre", self._resid_hook(g.layer))
-                      for g in self.graph.reader_groups if g.kind == "attn"]
+            layers = [g.layer for g in self.graph.reader_groups if g.kind == "attn"]
+            hooks += [(f"blocks.{l}.hook_resid_pre", self._resid_hook(l)) for l in layers]
+            hooks += [(f"blocks.{l}.ln1.hook_normalized", self._discarded_input_hook(l))
+                      for l in layers if f"blocks.{l}.ln1.hook_normalized" in self.model.hook_dict]
         for gi, group in enumerate(self.graph.reader_groups):
             for name, offset, size, per_head in self._reader_parts(group):
                 hooks.append((name, self._reader_hook(gi, offset, size, per_head)))
@@ -696,6 +715,24 @@ class MaskedModel:
             if run is not None and not run.plain:
                 run.layer_resid[layer] = out
             return None if out is activation else out
+
+        return hook
+
+    def _discarded_input_hook(self, layer: int):
+        """Fused q/k/v: TL projects its own normed residual to q, k and v, which the reader hooks then replace;
+        handing it zero positions skips those three GEMMs. Only where the engine's hooks are the only ones there
+        and at q/k/v (a user's observer sees what it always saw) and the model's values are not read (EAP's
+        every-mask-1 path reads them). A consumer other than q/k/v would get an empty sequence and fail on
+        shapes, never mix silently."""
+        hook_dict = self.model.hook_dict
+        points = [hook_dict[f"blocks.{layer}.attn.hook_{x}"] for x in "qkv"]
+
+        def hook(activation: torch.Tensor, hook: Any) -> torch.Tensor | None:
+            run = self._run
+            if (run is None or run.plain or run.mode != "mix" or run.removes_nothing or activation.dim() != 3
+                    or any(_forward_hooks(point) != 1 for point in (hook, *points))):
+                return None
+            return activation[:, :0]
 
         return hook
 

@@ -8,6 +8,7 @@ layers l.. only, the writers before l replayed from the record.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -43,3 +44,31 @@ class CleanStarts:
         if not 0 <= layer < self.n_layers:
             raise EdgePruneError(f"layer must be in [0, {self.n_layers}), got {layer}")
         return LayerStart(layer, self.resid_pre[layer], self.writer_outputs, self.tokens)
+
+
+class ReplayedRows:
+    """What the last forward from a layer left in its pooled delta buffer: rows [0, n_rows) hold the clean
+    writers' y − ỹ of one start record and counterfactual (the forward wrote only the rows after them). The next
+    forward on the same storage, record and counterfactual (ACDC's next candidate) reuses them instead of writing
+    them again; the engine drops this as soon as any other forward takes the buffer."""
+
+    def __init__(self, values: torch.Tensor, writer_outputs: torch.Tensor, counterfactual: torch.Tensor | None,
+                 n_rows: int, prefix_sums: dict[int, torch.Tensor] | None):
+        self.values = values
+        self._sources = [(weakref.ref(t), t._version) for t in (writer_outputs, counterfactual) if t is not None]
+        self._has_counterfactual = counterfactual is not None
+        self.n_rows = n_rows
+        self.prefix_sums = prefix_sums  # the sparse products' Σ of rows [0, stop) at each writer chunk's stop
+
+    def rows_for(self, values: torch.Tensor, writer_outputs: torch.Tensor, counterfactual: torch.Tensor | None,
+                 need_sums: bool) -> int:
+        """Leading rows of ``values`` that hold these sources' clean deltas already (0: none can be trusted).
+        Identity and version counters of both sources: a tensor changed in place, or a new one, matches nothing."""
+        sources = [t for t in (writer_outputs, counterfactual) if t is not None]
+        if (values is not self.values or (counterfactual is not None) != self._has_counterfactual
+                or (need_sums and self.prefix_sums is None) or len(sources) != len(self._sources)):
+            return 0
+        for t, (ref, version) in zip(sources, self._sources):
+            if ref() is not t or t._version != version:
+                return 0
+        return self.n_rows

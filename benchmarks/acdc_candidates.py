@@ -11,8 +11,10 @@ batch_size=256), the model's weights frozen, no gradients:
 - "candidate, whole model, scored positions only": ``logits_at=`` the positions the metric reads (last here);
 - "from layer l": acdc now, for a candidate into a reader of layer l (``start=mm.clean_starts(clean).at(l)``).
 
-- "from layer l, sparse mixing": the same, with the products that skip the coefficients a binary mask leaves at 0
-  or −1 (mixing.SparseMixing; no gradients), acdc's default since the eleventh session.
+- "from layer l, clean rows replayed": the same with the writers before l written into the buffer again (as until
+  the twelfth session); "clean rows kept": the rows the previous candidate from that layer left are reused
+  (layer_start.ReplayedRows), which is every candidate of a layer after its first in a pass. Sparse products
+  (mixing.SparseMixing) throughout, acdc's default.
 
 A pass's average candidate weighs each start layer by its share of the graph's edges (readers of later layers have
 more writers). The masks keep a random ``--keep`` of the edges into the readers after the start layer (default
@@ -81,45 +83,43 @@ def main() -> None:
             return mask
 
         masks = [mask_from(layer) for layer in range(graph.spec.n_layers)]
-        def dense(forward):  # the products as before SparseMixing
+
+        def replayed(forward):  # the clean rows written again, as before ReplayedRows (the twelfth session)
             def run():
-                mm.sparse_mixing = False
-                try:
-                    return forward()
-                finally:
-                    mm.sparse_mixing = True
+                mm._replayed = None
+                return forward()
             return run
 
         steps = {
             "plain forward": lambda: mm.full_logits(clean),  # the model's own forward, every position unembedded
-            "candidate, whole model, all positions unembedded": dense(lambda: mm(clean, cf, masks[0])),
-            "candidate, whole model, scored positions only": dense(lambda: mm(clean, cf, masks[0], logits_at=at)),
-            "candidate, whole model, scored only, sparse mixing": lambda: mm(clean, cf, masks[0], logits_at=at),
+            "candidate, whole model, all positions unembedded": lambda: mm(clean, cf, masks[0]),
+            "candidate, whole model, scored positions only": lambda: mm(clean, cf, masks[0], logits_at=at),
         }
         for layer in range(1, graph.spec.n_layers):
-            steps[f"from layer {layer}"] = dense(lambda layer=layer: mm(clean, cf, masks[layer], logits_at=at,
-                                                                        start=starts.at(layer)))
-            steps[f"from layer {layer}, sparse mixing"] = lambda layer=layer: mm(clean, cf, masks[layer], logits_at=at,
-                                                                                 start=starts.at(layer))
+            def candidate(layer=layer):
+                return mm(clean, cf, masks[layer], logits_at=at, start=starts.at(layer))
+            # In this order the second finds the clean rows the first left, as each of a layer's candidates after
+            # its first does in a pass (acdc judges a reader's edges one after another, layers from the last).
+            steps[f"from layer {layer}, clean rows replayed"] = replayed(candidate)
+            steps[f"from layer {layer}, clean rows kept"] = candidate
         stats = timed_interleaved(steps, args.repeats, keep_times=True)
     for name in steps:
         print(f"  {name:50s} {fmt_stats(stats[name])}")
     # A pass: the share of candidates at each start layer times that layer's candidate (layer 0: the whole model).
-    def per_pass(i, sparse):
-        suffix = ", sparse mixing" if sparse else ""
-        t = [stats["times"]["candidate, whole model, scored only, sparse mixing" if sparse else
-                            "candidate, whole model, scored positions only"][i]]
+    def per_pass(i, kept):
+        suffix = ", clean rows kept" if kept else ", clean rows replayed"
+        t = [stats["times"]["candidate, whole model, scored positions only"][i]]
         t += [stats["times"][f"from layer {layer}{suffix}"][i] for layer in range(1, graph.spec.n_layers)]
         return sum(w * x for w, x in zip(weights, t))
 
     n_rounds = len(stats["times"]["plain forward"])
-    dense_pass = [per_pass(i, False) for i in range(n_rounds)]
+    replayed_pass = [per_pass(i, False) for i in range(n_rounds)]
     avg = [per_pass(i, True) for i in range(n_rounds)]
     plain = stats["times"]["plain forward"]
     old = stats["times"]["candidate, whole model, all positions unembedded"]
     rows = {"before (whole model, every position unembedded)": old,
-            "from the reader's layer, scored positions, dense products": dense_pass,
-            "now (from the reader's layer, scored positions, sparse products)": avg}
+            "from the reader's layer, clean rows replayed per candidate (eleventh session)": replayed_pass,
+            "now (from the reader's layer, clean rows kept between candidates)": avg}
     results = {"model": args.model, "n": args.n, "seq": args.seq, "threads": threads, "allocator": allocator_env(),
                "edges": graph.n_edges, "pass_weights": weights, "stats": {k: v for k, v in stats.items() if k != "times"}}
     for name, times in rows.items():
@@ -129,7 +129,7 @@ def main() -> None:
               f"max {ratios[-1]:.2f}); a pass over {graph.n_edges:,} candidates: {med * graph.n_edges / 3600:.1f} h, "
               f"{1 / med:.2f} candidates/s")
         results[name] = {"ratio_to_plain": ratios, "seconds": times}
-    for label, base in (("before", old), ("dense products", dense_pass)):
+    for label, base in (("before", old), ("clean rows replayed", replayed_pass)):
         speed = sorted(a / b for a, b in zip(base, avg))
         print(f"  candidates per second, now ÷ {label}: median {speed[len(speed) // 2]:.2f}x (min {speed[0]:.2f}, "
               f"max {speed[-1]:.2f})")

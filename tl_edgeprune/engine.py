@@ -24,6 +24,7 @@ from .errors import EdgePruneError, HookFiringError, UnsupportedModelError
 from .fused_qkv import mixed_projection, unmixed_projection_gradient, weights_need_grad
 from .graph import Graph, GraphSpec, InputNodes, ReaderGroup, WriterChunk
 from .layer_start import CleanStarts, LayerStart, ReplayedRows
+from .runs import Capture, Forward, Mix
 from .mixing import (BufferPool, DeltaBuffer, PositionLayout, SparseMixing, Window, mix_rest, mix_window,
                      plan_windows, write)
 
@@ -40,31 +41,6 @@ _ACTIVE_LOCK = threading.Lock()
 
 class _WritersDone(Exception):
     """Raised by the last writer hook of a capture run that needs nothing after the writers."""
-
-
-class _Run:
-    """State of one forward pass through the hooks."""
-
-    def __init__(self, mode: str, n_chunks: int, removal=None, cf_values=None, capture_readers=False):
-        self.mode = mode  # "capture": record writer outputs y; "mix": rebuild reader inputs
-        self.removal = removal  # [writer, reader]: (1 − z) on valid edges, 0 elsewhere
-        self.cf_values = cf_values  # ỹ [writer, batch|1, pos|1, d_model], or None (zero ablation)
-        self.buffer: DeltaBuffer | None = None  # y (capture) or y − ỹ (mix) of every writer
-        self.tokens: list[torch.Tensor | None] = [None] * n_chunks  # autograd links, one per writer chunk
-        self.mixes: dict[int, list[torch.Tensor | None]] = {}  # per reader group, one part per hook (None once used)
-        self.window_tokens: dict[int, torch.Tensor] = {}  # per mixed window: what its later groups link to
-        self.unread: dict[int, int] = {}  # per mixed window: parts not yet read (its products storage is lent)
-        self.fired: Counter = Counter()
-        self.reader_inputs: dict[int, torch.Tensor] | None = {} if capture_readers else None
-        self.fixed_deltas = False  # deltas given from outside: writers are not re-read (EAP-IG)
-        self.plain = False  # run with the model's own flags: no per-head q/k/v inputs, only writers fire
-        self.stop_when_written = False  # end the forward once every writer fired (no final norm, no unembed)
-        self.in_place: torch.Tensor | None = None  # single-use ỹ: the deltas overwrite it (mix mode)
-        self.removes_nothing = False  # every mask 1 (EAP): the mixing's products are exactly 0
-        self.logits_at: torch.Tensor | None = None  # [batch, pos] bool: unembed only these positions
-        self.layout: PositionLayout | None = None  # positional graph: positions sorted by class in the buffer
-        self.start: LayerStart | None = None  # begin at this layer, the writers before it replayed (no gradients)
-        self.layer_resid: dict[int, torch.Tensor] = {}  # fused q/k/v: each layer's residual stream before attention
 
 
 class MaskedModel:
@@ -115,7 +91,7 @@ class MaskedModel:
             graph = own  # e.g. a circuit file that does not record the position embedding: same nodes and edges
         self.graph = graph
         self.check_identity = check_identity
-        self._run: _Run | None = None
+        self._run: Forward | None = None
         self._valid: dict[tuple, torch.Tensor] = {}  # validity mask per (device, dtype), built once
         self._stack: contextlib.ExitStack | None = None
         self._user_flags: dict[str, Any] = {}
@@ -294,25 +270,24 @@ class MaskedModel:
         cf = counterfactual.values
         if cf is not None:
             cf = cf.to(device=self.device, dtype=removal.dtype)
-        run = _Run("mix", len(self.graph.writer_chunks), removal=removal, cf_values=cf)
-        run.removes_nothing = removal.device.type != "meta" and not bool(removal.detach().any())  # meta: no values
-        run.layout = layout
-        if counterfactual.single_use and fixed_deltas is None:
-            counterfactual.spent = True  # before the forward: an exception midway leaves it half overwritten
-            if cf is not None and cf.is_contiguous() and cf.shape[1:3] == tokens.shape:
-                run.in_place = cf
+        fixed = None
         if fixed_deltas is not None:
             expected = (self.graph.n_writers, *tokens.shape, self.graph.spec.d_model)
             if tuple(fixed_deltas.shape) != expected:
                 raise EdgePruneError(f"fixed_deltas must have shape {list(expected)}, got {list(fixed_deltas.shape)}")
-            run.buffer = DeltaBuffer.fixed(fixed_deltas.detach().to(device=self.device, dtype=removal.dtype), layout)
-            run.buffer.coef_zero = run.removes_nothing
-            run.fixed_deltas = True
-        run.logits_at = logits_at
+            fixed = DeltaBuffer.fixed(fixed_deltas.detach().to(device=self.device, dtype=removal.dtype), layout)
+        begin = None
         if start is not None:
             self._check_start(start, tokens, removal, fixed_deltas)
             if self.starts_at_layer(attention_mask) and start.layer > 0:
-                run.start = start
+                begin = start
+        in_place = None
+        if counterfactual.single_use and fixed_deltas is None:
+            counterfactual.spent = True  # before the forward: an exception midway leaves it half overwritten
+            if cf is not None and cf.is_contiguous() and cf.shape[1:3] == tokens.shape:
+                in_place = cf
+        run = Mix(len(self.graph.writer_chunks), removal, cf, layout=layout, logits_at=logits_at, start=begin,
+                  in_place=in_place, fixed=fixed)
         return self._execute(run, tokens, attention_mask)
 
     def starts_at_layer(self, attention_mask: torch.Tensor | None = None) -> bool:
@@ -334,8 +309,7 @@ class MaskedModel:
             return hook
 
         n_layers = self.graph.spec.n_layers
-        run = _Run("capture", len(self.graph.writer_chunks))
-        run.plain = run.stop_when_written = True  # the last writer (m_{L-1}) fires after the last layer's start
+        run = Capture(len(self.graph.writer_chunks), writers_only=True)  # m_{L-1} fires after the last layer's start
         with torch.no_grad(), self.extra_hooks([(f"blocks.{l}.hook_resid_pre", keep(l)) for l in range(n_layers)]):
             self._execute(run, tokens, attention_mask)
         if sorted(resid_pre) != list(range(n_layers)):
@@ -432,8 +406,7 @@ class MaskedModel:
         self._require_active()
         tokens = self._check_tokens(tokens, "tokens")
         attention_mask = self._check_attention_mask(attention_mask, tokens)
-        run = _Run("capture", len(self.graph.writer_chunks))
-        run.plain = run.stop_when_written = True
+        run = Capture(len(self.graph.writer_chunks), writers_only=True)
         with torch.no_grad():
             self._execute(run, tokens, attention_mask)
         return run.buffer.values
@@ -534,11 +507,11 @@ class MaskedModel:
         if self._run is not None:
             raise EdgePruneError("a masked forward is already running (re-entrant call from inside a hook?)")
 
-    def _execute(self, run: _Run, tokens: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    def _execute(self, run: Forward, tokens: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
         self._require_idle()
         self._run = run
         try:
-            with self._plain_flags() if run.plain else contextlib.nullcontext():
+            with self._plain_flags() if run.writers_only else contextlib.nullcontext():
                 if run.start is not None:
                     self._replay_writers(run)
                 logits = self._forward_at(tokens, attention_mask, run.logits_at, run.start)
@@ -564,7 +537,7 @@ class MaskedModel:
             logits = forward()
         return logits.new_zeros((*at.shape, logits.shape[-1])).index_put_((at,), logits[0])  # in place: no copy
 
-    def _replay_writers(self, run: _Run) -> None:
+    def _replay_writers(self, run: Mix) -> None:
         """The writers before the start layer, stored from the clean run exactly as their hooks would store them;
         rows the previous forward from a layer left holding the same clean deltas are kept (layer_start.ReplayedRows)."""
         left, ys = self._replayed, run.start.writer_outputs  # read before _ensure_buffer drops it
@@ -590,10 +563,10 @@ class MaskedModel:
             sums = None if sparse is None else dict(sparse.prefix_sums)
             self._replayed = ReplayedRows(buffer.values, ys, run.cf_values, chunks[-1][1].stop, sums)
 
-    def _ensure_buffer(self, run: _Run, y: torch.Tensor) -> None:
+    def _ensure_buffer(self, run: Forward, y: torch.Tensor) -> None:
         if run.buffer is not None:
             return
-        if run.mode == "mix":  # capture buffers are handed to the caller: never reused
+        if isinstance(run, Mix):  # capture buffers are handed to the caller: never reused
             self._replayed = None  # this forward may write any row of the pooled storage
             run.buffer = self._pool.buffer(self.graph.n_writers, y.shape[1:], y.dtype, y.device, run.in_place)
             run.buffer.coef_zero = run.removes_nothing
@@ -612,8 +585,8 @@ class MaskedModel:
                 keys[("r", gi, offset)] = 1
         return keys
 
-    def _check_firings(self, run: _Run) -> None:
-        expected = self._expected_writer_firings if run.plain else self._expected_firings
+    def _check_firings(self, run: Forward) -> None:
+        expected = self._expected_writer_firings if run.writers_only else self._expected_firings
         if run.start is not None:  # the readers before the start layer do not run
             groups = self.graph.reader_groups
             expected = Counter({k: n for k, n in expected.items() if k[0] == "w" or groups[k[1]].layer >= run.start.layer})
@@ -691,14 +664,15 @@ class MaskedModel:
                 y = torch.einsum("bphe,hed->hbpd", activation, W_O)
             else:
                 y = activation.unsqueeze(0)
-            if run.fixed_deltas:
+            mix = isinstance(run, Mix)
+            if mix and run.fixed:
                 return None
             self._ensure_buffer(run, y)
             cf = None
-            if run.mode == "mix" and run.cf_values is not None:
+            if mix and run.cf_values is not None:
                 cf = run.cf_values[chunk.start : chunk.stop]
             run.tokens[chunk_index] = write(y, cf, run.buffer, chunk.start, chunk.stop)
-            if run.stop_when_written and all(t is not None for t in run.tokens):
+            if run.writers_only and all(t is not None for t in run.tokens):
                 raise _WritersDone
             return None  # writers are only observed: the residual stream itself is never changed
 
@@ -712,7 +686,7 @@ class MaskedModel:
                 changed = extra(out, hook)
                 out = out if changed is None else changed
             run = self._run
-            if run is not None and not run.plain:
+            if run is not None and not run.writers_only:
                 run.layer_resid[layer] = out
             return None if out is activation else out
 
@@ -729,14 +703,14 @@ class MaskedModel:
 
         def hook(activation: torch.Tensor, hook: Any) -> torch.Tensor | None:
             run = self._run
-            if (run is None or run.plain or run.mode != "mix" or run.removes_nothing or activation.dim() != 3
+            if (not isinstance(run, Mix) or run.removes_nothing or activation.dim() != 3
                     or any(_forward_hooks(point) != 1 for point in (hook, *points))):
                 return None
             return activation[:, :0]
 
         return hook
 
-    def _fused_input(self, run: _Run, group: ReaderGroup, part_index: int, activation: torch.Tensor,
+    def _fused_input(self, run: Mix, group: ReaderGroup, part_index: int, activation: torch.Tensor,
                      part: torch.Tensor) -> torch.Tensor:
         """q, k or v of every head reader of the group, from the layer's residual and each reader's part."""
         layer = group.layer
@@ -767,10 +741,10 @@ class MaskedModel:
             if threading.get_ident() != self._thread:
                 self._check_thread()
             run = self._run
-            if run is None or run.plain:  # plain runs only read writers (the user may have split q/k/v on)
+            if run is None or run.writers_only:  # these read writers alone (the user may have split q/k/v on)
                 return None
             run.fired[key] += 1
-            if run.mode == "capture":
+            if isinstance(run, Capture):
                 if run.reader_inputs is not None and offset == 0:
                     if self.fused_qkv and group.kind == "attn":
                         run.reader_inputs[group_index] = run.layer_resid[group.layer]
@@ -800,7 +774,7 @@ class MaskedModel:
 
         return hook
 
-    def _mix(self, run: _Run, group_index: int) -> list[torch.Tensor | None]:
+    def _mix(self, run: Mix, group_index: int) -> list[torch.Tensor | None]:
         """−Σ_j (1 − z_jr)(y_j − ỹ_j) for a reader group, one [reader, batch, pos, d_model] per hook.
 
         The group's window is mixed over its shared prefix when its first group is read; a later group adds the
@@ -819,7 +793,7 @@ class MaskedModel:
             )
         return run.mixes[group_index]
 
-    def _mix_window(self, run: _Run, window: Window) -> None:
+    def _mix_window(self, run: Mix, window: Window) -> None:
         """One GEMM over the window's shared prefix: the parts of the groups that read only that prefix now,
         the others' share of it kept for when they are read."""
         groups = [self.graph.reader_groups[g] for g in window.groups]
@@ -834,7 +808,7 @@ class MaskedModel:
         for g, group in leading:
             run.mixes[g] = [next(parts) for _ in self._part_sizes(group)]
 
-    def _coef(self, run: _Run, w0: int, w1: int, r0: int, r1: int) -> torch.Tensor:
+    def _coef(self, run: Mix, w0: int, w1: int, r0: int, r1: int) -> torch.Tensor:
         """−(1 − z) of writers [w0, w1) into base readers [r0, r1), as [class, writer, reader]: a view of the
         removal matrix's class-major columns (exact: IEEE negation is lossless)."""
         n_classes = self.graph.n_classes
@@ -882,9 +856,9 @@ class MaskedModel:
     def _part_sizes(self, group: ReaderGroup) -> list[int]:
         return [size for _, _, size, _ in self._reader_parts(group)]
 
-    def _tokens(self, run: _Run, group: ReaderGroup, start: int) -> list[torch.Tensor]:
+    def _tokens(self, run: Mix, group: ReaderGroup, start: int) -> list[torch.Tensor]:
         """Autograd tokens of the writer chunks in rows [start, group.n_writers), checking that each has fired."""
-        if run.fixed_deltas:
+        if run.fixed:
             return []
         tokens = []
         for ci, chunk in enumerate(self.graph.writer_chunks):
@@ -906,7 +880,7 @@ class MaskedModel:
         gen = torch.Generator().manual_seed(0)
         n_pos = min(self.adapter.n_ctx, 6)
         tokens = torch.randint(0, self.adapter.d_vocab, (2, n_pos), generator=gen).to(self.device)
-        run = _Run("capture", len(self.graph.writer_chunks), capture_readers=True)
+        run = Capture(len(self.graph.writer_chunks), writers_only=False, reader_inputs=True)
         with torch.no_grad():
             self._execute(run, tokens, None)
             ys = run.buffer.values

@@ -1,5 +1,6 @@
 """The model is left exactly as it was, and bad input fails early with a message that says what to do."""
 
+import contextlib
 import pytest
 import torch
 from torch import nn
@@ -257,12 +258,16 @@ def test_buffer_storage_is_reused_only_once_its_graph_is_gone(tokens):
 
 
 @pytest.mark.parametrize("model_id", model_ids(["gpt2", "llama"], ["gpt2"]))
-def test_single_use_counterfactual_keeps_only_the_differences(model_id, tokens):
+@pytest.mark.parametrize("frozen", [True, False], ids=["frozen", "weights-with-grad"])
+def test_single_use_counterfactual_keeps_only_the_differences(model_id, frozen, tokens):
     """interchange(single_use=True): the masked forward writes y − ỹ over ỹ's storage (one writer-sized tensor,
-    not two) with logits and mask gradients bit-identical to the reusable counterfactual; a second use fails."""
+    not two) with logits and mask gradients bit-identical to the reusable counterfactual; a second use fails.
+    Frozen weights write the heads' outputs straight into the buffer (mixing.write_heads), the others through y."""
+    from tl_edgeprune.edge_pruning import frozen_parameters
+
     model = make_model(model_id)
     clean, corrupted = tokens
-    with tep.masked(model) as mm:
+    with frozen_parameters(model) if frozen else contextlib.nullcontext(), tep.masked(model) as mm:
         z = torch.full(mm.graph.shape, 0.6, requires_grad=True)
 
         def logits_and_grad(cf):

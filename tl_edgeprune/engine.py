@@ -26,7 +26,7 @@ from .graph import Graph, GraphSpec, InputNodes, ReaderGroup, WriterChunk
 from .layer_start import CleanStarts, LayerStart, ReplayedRows
 from .runs import Capture, Forward, Mix
 from .mixing import (BufferPool, DeltaBuffer, PositionLayout, SparseMixing, Window, mix_rest, mix_window,
-                     plan_windows, write)
+                     plan_windows, write, write_heads)
 
 # Relative tolerance of the attach-time check that the residual stream is the sum of the writers.
 IDENTITY_TOL = {torch.float64: 1e-9, torch.float32: 1e-4}
@@ -658,20 +658,27 @@ class MaskedModel:
             if run is None:
                 return None
             run.fired[key] += 1
-            if chunk.kind == "attn":
-                # Per-head outputs from hook_z and W_O: [head, batch, pos, d_model], never use_attn_result.
-                W_O = self.adapter.W_O(chunk.layer)
-                y = torch.einsum("bphe,hed->hbpd", activation, W_O)
-            else:
-                y = activation.unsqueeze(0)
             mix = isinstance(run, Mix)
             if mix and run.fixed:
                 return None
-            self._ensure_buffer(run, y)
             cf = None
             if mix and run.cf_values is not None:
                 cf = run.cf_values[chunk.start : chunk.stop]
-            run.tokens[chunk_index] = write(y, cf, run.buffer, chunk.start, chunk.stop)
+            if chunk.kind == "attn":
+                # Per-head outputs from hook_z and W_O: [head, batch, pos, d_model], never use_attn_result.
+                W_O = self.adapter.W_O(chunk.layer)
+                if not (mix and run.layout is not None) and not (torch.is_grad_enabled() and W_O.requires_grad):
+                    b, p = activation.shape[:2]
+                    self._ensure_buffer(run, activation.new_empty(()).expand(W_O.shape[0], b, p, W_O.shape[-1]))
+                    run.tokens[chunk_index] = write_heads(activation, W_O, cf, run.buffer, chunk.start, chunk.stop)
+                else:
+                    y = torch.einsum("bphe,hed->hbpd", activation, W_O)
+                    self._ensure_buffer(run, y)
+                    run.tokens[chunk_index] = write(y, cf, run.buffer, chunk.start, chunk.stop)
+            else:
+                y = activation.unsqueeze(0)
+                self._ensure_buffer(run, y)
+                run.tokens[chunk_index] = write(y, cf, run.buffer, chunk.start, chunk.stop)
             if run.writers_only and all(t is not None for t in run.tokens):
                 raise _WritersDone
             return None  # writers are only observed: the residual stream itself is never changed

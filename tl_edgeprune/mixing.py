@@ -424,6 +424,45 @@ def write(y: torch.Tensor, counterfactual: torch.Tensor | None, buffer: DeltaBuf
     return _Write.apply(y, counterfactual, buffer, start, stop)
 
 
+def write_heads(z: torch.Tensor, W_O: torch.Tensor, counterfactual: torch.Tensor | None, buffer: DeltaBuffer,
+                start: int, stop: int):
+    """Store ``y − ỹ`` of a layer's heads, ``y_h = z_h·W_O[h]``, computed straight into the buffer's rows (no
+    [head, batch, pos, d_model] temporary: a fresh one page-faults on CPU); returns the token that carries their
+    gradient to ``z``. For weights that take no gradient and the ordinary graph's layout (else ``write``)."""
+    buffer.written[start:stop] = [True] * (stop - start)
+    return _WriteHeads.apply(z, W_O, counterfactual, buffer, start, stop)
+
+
+class _WriteHeads(Function):
+    @staticmethod
+    def forward(ctx, z, W_O, counterfactual, buffer: DeltaBuffer, start: int, stop: int):
+        batch, pos, heads, e = z.shape
+        target = buffer.values[start:stop]
+        z3, out = z.permute(2, 0, 1, 3).reshape(heads, batch * pos, e), target.view(heads, batch * pos, -1)
+        if counterfactual is None:
+            torch.bmm(z3, W_O, out=out)
+        else:  # −ỹ + z·W_O in the GEMM; a single-use ỹ is the target's own storage (overwritten in place)
+            if counterfactual.data_ptr() != target.data_ptr():
+                target.copy_(counterfactual)  # [head, batch|1, pos|1, d_model]: broadcast
+            out.baddbmm_(z3, W_O, beta=-1)
+        if buffer.sparse is not None:
+            buffer.sparse.add(start, stop, target)
+        ctx.save_for_backward(W_O)
+        ctx.buffer, ctx.start, ctx.stop, ctx.z_shape = buffer, start, stop, z.shape
+        return z.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, _token_grad):
+        (W_O,) = ctx.saved_tensors
+        buffer = _release(ctx)
+        grad = buffer.grad_rows(ctx.start, ctx.stop)
+        if grad is None:
+            return None, None, None, None, None, None
+        batch, pos, heads, e = ctx.z_shape
+        grad_z = torch.bmm(grad.reshape(heads, batch * pos, -1), W_O.transpose(1, 2))
+        return grad_z.view(heads, batch, pos, e).permute(1, 2, 0, 3), None, None, None, None, None
+
+
 def mix_window(coef: torch.Tensor, buffer: DeltaBuffer, window: Window, split_sizes: Sequence[int],
                tokens: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
     """``Σ_{j < prefix} coef[c(p), j, r]·delta_j`` for every reader of the window (``coef``: [class, writer,

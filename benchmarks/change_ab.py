@@ -1,0 +1,129 @@
+"""A/B of one engine change, switched on and off on one warm model, interleaved, one thread by default:
+
+    python benchmarks/change_ab.py --change discarded-qkv|write-heads [--model gpt2-shape|smollm2] [--rounds 4]
+
+- ``discarded-qkv``: TransformerLens's own q/k/v projection, which the fused path replaces, handed zero positions
+  (engine.MaskedModel._discarded_input_hook) or the whole normed residual;
+- ``write-heads``: each layer's per-head outputs y_h = z_h·W_O[h] computed straight into the delta buffer
+  (mixing.write_heads) or, as before, into a fresh [head, batch, pos, d_model] tensor and then written.
+
+Timed: the Edge Pruning core step (batch 32 × 20, as benchmarks/engine.py) and the frozen forward+backward; one
+EAP batch (tep.eap on 32 examples); an ACDC candidate from layer L/2 (96 × 16, 3.4 % kept after it, as
+benchmarks/acdc_candidates.py) and a plain forward of the same data. "on" is the library's default.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import tl_edgeprune as tep  # noqa: E402
+import tl_edgeprune.engine as E  # noqa: E402
+import tl_edgeprune.mixing as mixing  # noqa: E402
+from tl_edgeprune.eap import eap  # noqa: E402
+from tl_edgeprune.edge_pruning import frozen_parameters  # noqa: E402
+
+from benchmarks.common import allocator_env, fmt_stats, timed_interleaved  # noqa: E402
+from benchmarks.engine import edge_pruning_step, load_model, make_batch, residual_grad_step  # noqa: E402
+
+ON = {"on": True}
+
+
+def switch_discarded_qkv():
+    original = E.MaskedModel._discarded_input_hook
+
+    def switchable(self, layer):
+        inner = original(self, layer)
+        return lambda x, hook: inner(x, hook) if ON["on"] else None
+
+    E.MaskedModel._discarded_input_hook = switchable
+
+
+def switch_write_heads():
+    new = E.write_heads
+
+    def old(z, W_O, cf, buffer, start, stop):  # the heads' outputs in a fresh tensor, then written
+        return mixing.write(torch.einsum("bphe,hed->hbpd", z, W_O), cf, buffer, start, stop)
+
+    E.write_heads = lambda *args: (new if ON["on"] else old)(*args)
+
+
+CHANGES = {"discarded-qkv": switch_discarded_qkv, "write-heads": switch_write_heads}
+
+
+def ratio(s: dict) -> str:
+    return f"median {s['median']:.2f}x (min {s['min']:.2f}, max {s['max']:.2f})"
+
+
+def switched(on: bool, step):
+    def run():
+        ON["on"] = on
+        try:
+            return step()
+        finally:
+            ON["on"] = True
+    return run
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="gpt2-shape", choices=["gpt2-shape", "smollm2"])
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--change", required=True, choices=sorted(CHANGES))
+    args = ap.parse_args()
+    CHANGES[args.change]()
+    model = load_model(args.model)
+    eap_model = copy.deepcopy(model)  # EAP enters its own MaskedModel: a second model, the same weights
+    clean, corrupted = make_batch(model, 32, 20)
+    eap_data = tep.paired_data(clean, corrupted, positions="last")
+    a_clean, a_corrupted = make_batch(model, 96, 16)
+    a_data = tep.paired_data(a_clean, a_corrupted, positions="last")
+    print(f"{args.model}, change {args.change}, {torch.get_num_threads()} torch thread(s), {allocator_env()}, "
+          f"torch {torch.__version__}")
+    with frozen_parameters(model):
+        frozen = residual_grad_step(model, clean)
+        with tep.masked(model) as mm:
+            step = edge_pruning_step(mm, clean, corrupted)
+            layer = mm.graph.spec.n_layers // 2
+            with torch.no_grad():
+                cf = mm.interchange(a_corrupted)
+                starts = mm.clean_starts(a_clean)
+                gen = torch.Generator().manual_seed(0)
+                mask = (torch.rand(mm.graph.shape, generator=gen) < 0.034).float() * mm.graph.valid_mask().float()
+                mask[:, mm.graph.reader_columns_before(layer)] = 1.0
+
+            def candidate():
+                with torch.no_grad():
+                    mm(a_clean, cf, mask, logits_at=a_data.positions, start=starts.at(layer))
+
+            def plain():
+                with torch.no_grad():
+                    mm.full_logits(a_clean)
+
+            def eap_batch():
+                eap(eap_model, eap_data, batch_size=32, progress=False)
+
+            pairs = {"EP step": step, "EAP batch (32)": eap_batch, f"ACDC candidate from layer {layer}": candidate}
+            steps = {"frozen fwd+bwd": frozen, "plain forward (96x16)": plain}
+            for name, fn in pairs.items():
+                steps[f"{name}, off"] = switched(False, fn)
+                steps[f"{name}, on"] = fn
+            stats = timed_interleaved(steps, args.rounds)
+    for name in steps:
+        print(f"  {name:45s} {fmt_stats(stats[name])}")
+    for name in pairs:
+        print(f"  {name}, on ÷ off: {ratio(stats[f'{name}, on/{name}, off'])}")
+    for name in ("EP step", "EAP batch (32)"):
+        for which in ("off", "on"):
+            print(f"  {name}, {which} ÷ frozen: {ratio(stats[f'{name}, {which}/frozen fwd+bwd'])}")
+    for which in ("off", "on"):
+        key = f"ACDC candidate from layer {layer}, {which}"
+        print(f"  {key} ÷ plain forward: {ratio(stats[f'{key}/plain forward (96x16)'])}")
+
+
+if __name__ == "__main__":
+    main()

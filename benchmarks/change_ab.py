@@ -1,15 +1,20 @@
 """A/B of one engine change, switched on and off on one warm model, interleaved, one thread by default:
 
-    python benchmarks/change_ab.py --change discarded-qkv|write-heads [--model gpt2-shape|smollm2] [--rounds 4]
+    python benchmarks/change_ab.py --change discarded-qkv|write-heads|grad-into [--model gpt2-shape|smollm2] [--rounds 4]
 
 - ``discarded-qkv``: TransformerLens's own q/k/v projection, which the fused path replaces, handed zero positions
   (engine.MaskedModel._discarded_input_hook) or the whole normed residual;
 - ``write-heads``: each layer's per-head outputs y_h = z_h·W_O[h] computed straight into the delta buffer
-  (mixing.write_heads) or, as before, into a fresh [head, batch, pos, d_model] tensor and then written.
+  (mixing.write_heads) or, as before, into a fresh [head, batch, pos, d_model] tensor and then written;
+- ``grad-into``: the fused q/k/v backwards write each head reader's gradient into the mixing's gathering block
+  (fused_qkv ``grad_into``) or, as before, into a fresh tensor that the mixing then copies there.
 
 Timed: the Edge Pruning core step (batch 32 × 20, as benchmarks/engine.py) and the frozen forward+backward; one
 EAP batch (tep.eap on 32 examples); an ACDC candidate from layer L/2 (96 × 16, 3.4 % kept after it, as
-benchmarks/acdc_candidates.py) and a plain forward of the same data. "on" is the library's default.
+benchmarks/acdc_candidates.py) and a plain forward of the same data. "on" is the library's default. Each step
+runs once untimed right before its timed run (``--settle``), so it is timed in the allocator state its own kind
+of step leaves, as in a loop of it: without that, the first of each pair paid for the switch (a no-gradient
+ACDC candidate, which ``grad-into`` cannot touch, came out 0.86x "faster" with the change on).
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import tl_edgeprune as tep  # noqa: E402
 import tl_edgeprune.engine as E  # noqa: E402
+import tl_edgeprune.fused_qkv as fused_qkv  # noqa: E402
 import tl_edgeprune.mixing as mixing  # noqa: E402
 from tl_edgeprune.eap import eap  # noqa: E402
 from tl_edgeprune.edge_pruning import frozen_parameters  # noqa: E402
@@ -52,7 +58,17 @@ def switch_write_heads():
     E.write_heads = lambda *args: (new if ON["on"] else old)(*args)
 
 
-CHANGES = {"discarded-qkv": switch_discarded_qkv, "write-heads": switch_write_heads}
+def switch_grad_into():
+    destination = fused_qkv._destination
+
+    def switchable(ctx, part_shape):
+        out = destination(ctx, part_shape)
+        return out if ON["on"] else None  # off: a fresh gradient tensor, which the mixing copies into its block
+
+    fused_qkv._destination = switchable
+
+
+CHANGES = {"discarded-qkv": switch_discarded_qkv, "write-heads": switch_write_heads, "grad-into": switch_grad_into}
 
 
 def ratio(s: dict) -> str:
@@ -72,7 +88,8 @@ def switched(on: bool, step):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="gpt2-shape", choices=["gpt2-shape", "smollm2"])
-    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--settle", type=int, default=1, help="untimed runs of each step right before its timed one")
     ap.add_argument("--change", required=True, choices=sorted(CHANGES))
     args = ap.parse_args()
     CHANGES[args.change]()
@@ -83,7 +100,7 @@ def main() -> None:
     a_clean, a_corrupted = make_batch(model, 96, 16)
     a_data = tep.paired_data(a_clean, a_corrupted, positions="last")
     print(f"{args.model}, change {args.change}, {torch.get_num_threads()} torch thread(s), {allocator_env()}, "
-          f"torch {torch.__version__}")
+          f"torch {torch.__version__}, {args.rounds} rounds, settle {args.settle}")
     with frozen_parameters(model):
         frozen = residual_grad_step(model, clean)
         with tep.masked(model) as mm:
@@ -112,7 +129,7 @@ def main() -> None:
             for name, fn in pairs.items():
                 steps[f"{name}, off"] = switched(False, fn)
                 steps[f"{name}, on"] = fn
-            stats = timed_interleaved(steps, args.rounds)
+            stats = timed_interleaved(steps, args.rounds, settle=args.settle)
     for name in steps:
         print(f"  {name:45s} {fmt_stats(stats[name])}")
     for name in pairs:

@@ -101,3 +101,33 @@ def test_tl_own_qkv_projection_skipped_only_where_unread(model_id, tokens):
     finally:
         for handle in handles:
             handle.remove()
+
+
+@pytest.mark.parametrize("model_id", [m for m in HOOKED if "shortformer" not in m][:2])
+@pytest.mark.parametrize("every_mask_one", [False, True], ids=["fractional", "eap"])
+def test_fused_backward_writes_the_parts_gradient_where_the_mixing_gathers_it(model_id, every_mask_one, tokens,
+                                                                              monkeypatch):
+    """With frozen weights the fused backwards (_NormProject, and _SharedInput at every mask 1) write each head
+    reader's gradient into its rows of the window's gathering block, so the mixing copies only the MLP and logits
+    readers' gradients. The values are checked against TL's split path by the tests above."""
+    import tl_edgeprune.mixing as mixing
+    from tl_edgeprune.edge_pruning import frozen_parameters
+
+    model = make_model(model_id)
+    clean, corrupted = tokens
+    seen = {"in place": 0, "copied": 0}
+    gather = mixing._gather
+
+    def counting(part_grads, into, split_sizes):
+        for g, dst in zip(part_grads, into.split(tuple(split_sizes))):
+            if g is not None:
+                same = g.data_ptr() == dst.data_ptr() and g.stride() == dst.stride()
+                seen["in place" if same else "copied"] += 1
+        return gather(part_grads, into, split_sizes)
+
+    monkeypatch.setattr(mixing, "_gather", counting)
+    with frozen_parameters(model), tep.masked(model) as mm:
+        z = (mm.graph.ones() if every_mask_one else torch.rand(mm.graph.shape)).requires_grad_(True)
+        mm(clean, mm.interchange(corrupted), z).square().mean().backward()
+    n_layers = model.cfg.n_layers
+    assert seen == {"in place": 3 * n_layers, "copied": n_layers + 1}

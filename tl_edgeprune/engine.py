@@ -718,8 +718,9 @@ class MaskedModel:
         return hook
 
     def _fused_input(self, run: Mix, group: ReaderGroup, part_index: int, activation: torch.Tensor,
-                     part: torch.Tensor) -> torch.Tensor:
-        """q, k or v of every head reader of the group, from the layer's residual and each reader's part."""
+                     part: torch.Tensor, window: Window, window_row: int) -> torch.Tensor:
+        """q, k or v of every head reader of the group, from the layer's residual and each reader's part (rows
+        ``window_row``.. of its window: backward writes the part's gradient where the mixing gathers it)."""
         layer = group.layer
         resid = run.layer_resid.get(layer)
         if resid is None:
@@ -728,6 +729,10 @@ class MaskedModel:
         # Weights are read now, inside the layer's forward: under FSDP only then are they whole (unsharded).
         W, b = self.adapter.qkv_weights(layer)[part_index]
         norm = self.adapter.attention_norm(layer)
+        grad_into = None
+        if torch.is_grad_enabled() and run.layout is None:
+            buffer, n = run.buffer, part.shape[0]
+            grad_into = lambda: buffer.window_scratch(window.index, window.n_readers)[window_row : window_row + n]
         if run.removes_nothing:
             # Every mask 1 (EAP): the value is the model's own q/k/v bit for bit, and the gradient to the parts (the
             # masks' gradient) is that of the mix at part = 0 with the residual held, which is exact there; the
@@ -735,9 +740,9 @@ class MaskedModel:
             if weights_need_grad(W, b, norm):
                 mixed = mixed_projection(part, resid.detach(), norm, W, b)
                 return activation + (mixed - mixed.detach())
-            return activation + unmixed_projection_gradient(part, resid, norm, W)
+            return activation + unmixed_projection_gradient(part, resid, norm, W, grad_into)
         scratch = None if torch.is_grad_enabled() else self._pool.scratch(part.shape, part.dtype, part.device)
-        return mixed_projection(part, resid, norm, W, b, scratch)
+        return mixed_projection(part, resid, norm, W, b, scratch, grad_into)
 
     def _reader_hook(self, group_index: int, offset: int, size: int, per_head: bool):
         group = self.graph.reader_groups[group_index]
@@ -767,16 +772,17 @@ class MaskedModel:
             # part = −Σ_j (1 − z_jr)(y_j − ỹ_j): added, so backward needs no negation pass
             if run.layout is not None:  # stored sorted by position class: back to the model's order
                 part = run.layout.to_model(part)
+            window = self._window_of[group_index]
             if self.fused_qkv and group.kind == "attn":
-                mixed = self._fused_input(run, group, part_index, activation, part)
+                window_row = window.offsets[window.groups.index(group_index)] + offset  # the part's row in its window
+                mixed = self._fused_input(run, group, part_index, activation, part, window, window_row)
             elif per_head:
                 mixed = activation + einops.rearrange(part, "reader b p d -> b p reader d")
             else:
                 mixed = activation + part.squeeze(0)
-            window = self._window_of[group_index].index
-            run.unread[window] -= 1
-            if run.unread[window] == 0:  # every reader has its input: the window's products storage is free
-                run.buffer.products_read(window)
+            run.unread[window.index] -= 1
+            if run.unread[window.index] == 0:  # every reader has its input: the window's products storage is free
+                run.buffer.products_read(window.index)
             return mixed
 
         return hook

@@ -11,7 +11,7 @@ projection up to rounding (~1e-6 in float32).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 from jaxtyping import Float
@@ -35,6 +35,7 @@ def mixed_projection(
     W: Float[torch.Tensor, "reader d_model d_head"],
     b: Float[torch.Tensor, "reader d_head"],
     scratch: torch.Tensor | None = None,
+    grad_into: Callable[[], torch.Tensor] | None = None,
 ) -> Float[torch.Tensor, "batch pos reader d_head"]:
     """``norm(resid + part_r)·W_r + b_r`` for every reader r, laid out as TransformerLens's q/k/v.
 
@@ -42,7 +43,9 @@ def mixed_projection(
     by the shared residual's mean first, so the difference loses nothing) and its scaling is applied after the
     projection, in d_head space, so no normalised copy is ever written. The backward is written out
     (``_NormProject``): one GEMM and two in-place passes over the inputs, where autograd's took five fresh tensors
-    and a strided GEMM (docs/performance.md). With weights that need gradients, autograd's own path runs."""
+    and a strided GEMM (docs/performance.md). With weights that need gradients, autograd's own path runs.
+    ``grad_into``: gives the [reader, batch, pos, d_model] storage the parts' gradient is to be written to (the
+    mixing's gathering block), so backward writes it there instead of into a fresh tensor the mixing copies."""
     n, batch, pos, d = part.shape
     e = W.shape[-1]
     if norm.kind == "ln":  # LayerNorm ignores a per-position shift: centre the shared residual once, so each
@@ -52,7 +55,7 @@ def mixed_projection(
     if weights_need_grad(W, b, norm):
         out = _autograd_projection(part, resid, norm, Wg, const)
     else:
-        out = _NormProject.apply(part, resid, Wg, const, norm.kind, norm.eps, scratch)
+        out = _NormProject.apply(part, resid, Wg, const, norm.kind, norm.eps, scratch, grad_into)
     return out.view(n, batch, pos, e).permute(1, 2, 0, 3)
 
 
@@ -82,8 +85,9 @@ class _NormProject(Function):
     """[reader, batch·pos, d_head] = rstd·(x·γW − mean·Σ_d γW) + const, x = resid + part_r (rstd, mean per row)."""
 
     @staticmethod
-    def forward(ctx, part, resid, Wg, const, kind: str, eps: float, scratch):
+    def forward(ctx, part, resid, Wg, const, kind: str, eps: float, scratch, grad_into):
         n, batch, pos, d = part.shape
+        ctx.grad_into = grad_into
         # never the parts' storage (lent to later readers); ``scratch`` when nothing keeps x (no gradients): a fresh
         # tensor of this size page-faults on CPU, costing 3x the add
         x = torch.add(part, resid, out=scratch) if scratch is not None and not any(ctx.needs_input_grad[:2]) \
@@ -109,22 +113,33 @@ class _NormProject(Function):
     def backward(ctx, grad_out):
         part_shape, resid_shape = ctx.shapes
         go = grad_out.contiguous()  # the q/k/v layout's permuted view: a strided GEMM below was ~4x slower
+        out = _destination(ctx, part_shape)
         if ctx.kind == "none":
             (Wg,) = ctx.saved_tensors
-            grad_x = torch.bmm(go, Wg.transpose(1, 2))
+            grad_x = torch.bmm(go, Wg.transpose(1, 2), out=out)
         else:
             Wg, x, centred, rstd, mean = ctx.saved_tensors
             d = x.shape[-1]
             g_proj = go * rstd[..., None]
             g_var = (go * centred).sum(-1).mul_(rstd.pow(3)).mul_(-0.5)  # ∂/∂var through rstd
-            grad_x = torch.bmm(g_proj, Wg.transpose(1, 2))
+            grad_x = torch.bmm(g_proj, Wg.transpose(1, 2), out=out)
             grad_x.addcmul_(x, (g_var * (2.0 / d))[..., None])  # var's E[x²] part
             if ctx.kind == "ln":  # the mean's part, through the centring and through var
                 g_mean = (g_proj * Wg.sum(1)[:, None, :]).sum(-1).add_(2 * mean * g_var).neg_()
                 grad_x.add_((g_mean / d)[..., None])
         grad_part = grad_x.view(part_shape) if ctx.needs_input_grad[0] else None
         grad_resid = grad_x.sum(0).view(resid_shape) if ctx.needs_input_grad[1] else None
-        return grad_part, grad_resid, None, None, None, None, None
+        return grad_part, grad_resid, None, None, None, None, None, None
+
+
+def _destination(ctx, part_shape) -> torch.Tensor | None:
+    """[reader, batch·pos, d_model] storage for the parts' gradient, from ``grad_into`` (once: the node may outlive
+    backward, and must not keep the mixing's buffer alive)."""
+    grad_into, ctx.grad_into = ctx.grad_into, None
+    if grad_into is None or not ctx.needs_input_grad[0]:
+        return None
+    n, batch, pos, d = part_shape
+    return grad_into().view(n, batch * pos, d)
 
 
 def unmixed_projection_gradient(
@@ -132,6 +147,7 @@ def unmixed_projection_gradient(
     resid: Float[torch.Tensor, "batch pos d_model"],
     norm: Norm,
     W: Float[torch.Tensor, "reader d_model d_head"],
+    grad_into: Callable[[], torch.Tensor] | None = None,
 ) -> Float[torch.Tensor, "batch pos reader d_head"]:
     """Zeros laid out as TransformerLens's q/k/v, whose gradient to ``part`` is that of ``mixed_projection`` at
     part = 0: every mask 1 (EAP's gradient at z = 1), where each reader's input is the shared residual itself.
@@ -143,7 +159,7 @@ def unmixed_projection_gradient(
     if norm.kind == "ln":
         x = x - x.mean(-1, keepdim=True)  # LayerNorm ignores the shift (as in mixed_projection)
     Wg = W if norm.weight is None else W * norm.weight[None, :, None]
-    out = _SharedInput.apply(part, x, Wg.detach(), norm.kind, norm.eps)
+    out = _SharedInput.apply(part, x, Wg.detach(), norm.kind, norm.eps, grad_into)
     return out.view(n, batch, pos, -1).permute(1, 2, 0, 3)
 
 
@@ -152,9 +168,9 @@ class _SharedInput(Function):
     ∂/∂x_r = rstd·u_r + (2/d)·x·g_var + g_mean/d, g_var = −½·rstd³·(x·u_r), g_mean = −rstd·Σ_d u_r − 2·mean·g_var."""
 
     @staticmethod
-    def forward(ctx, part, x, Wg, kind: str, eps: float):
+    def forward(ctx, part, x, Wg, kind: str, eps: float, grad_into):
         n, batch, pos, d = part.shape
-        ctx.kind, ctx.part_shape = kind, part.shape
+        ctx.kind, ctx.part_shape, ctx.grad_into = kind, part.shape, grad_into
         rstd = mean = None
         if kind != "none":
             var = torch.linalg.vector_norm(x, dim=-1).square_().div_(d)
@@ -168,7 +184,7 @@ class _SharedInput(Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, Wg, rstd, mean = ctx.saved_tensors
-        u = torch.bmm(grad_out.contiguous(), Wg.transpose(1, 2))  # [reader, batch·pos, d_model]
+        u = torch.bmm(grad_out.contiguous(), Wg.transpose(1, 2), out=_destination(ctx, ctx.part_shape))
         if ctx.kind != "none":
             d = x.shape[-1]
             g_var = torch.einsum("rnd,nd->rn", u, x).mul_(rstd.pow(3)).mul_(-0.5)
@@ -178,4 +194,4 @@ class _SharedInput(Function):
             u.addcmul_(x.expand_as(u), (g_var * (2.0 / d))[..., None])
             if ctx.kind == "ln":
                 u.add_((g_mean / d)[..., None])
-        return u.view(ctx.part_shape), None, None, None, None
+        return u.view(ctx.part_shape), None, None, None, None, None

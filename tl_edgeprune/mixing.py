@@ -296,11 +296,12 @@ def _release(ctx) -> DeltaBuffer:
 
 
 def _gather(part_grads: Sequence[torch.Tensor | None], into: torch.Tensor, split_sizes: Sequence[int]) -> None:
-    """Copy the readers' gradients (often permuted views) into one contiguous [reader, ...] block."""
+    """Copy the readers' gradients (often permuted views) into one contiguous [reader, ...] block; a gradient that a
+    reader's backward already wrote there (fused_qkv's ``grad_into``) stays where it is."""
     for g, dst in zip(part_grads, into.split(tuple(split_sizes))):
         if g is None:
             dst.zero_()
-        else:
+        elif not (g.data_ptr() == dst.data_ptr() and g.shape == dst.shape and g.stride() == dst.stride()):
             dst.copy_(g)
 
 

@@ -1,6 +1,6 @@
 """A/B of one engine change, switched on and off on one warm model, interleaved, one thread by default:
 
-    python benchmarks/change_ab.py --change discarded-qkv|write-heads|grad-into|ln-folds [--model gpt2-shape|smollm2] [--rounds 4]
+    python benchmarks/change_ab.py --change discarded-qkv|write-heads|grad-into [--model gpt2-shape|smollm2] [--rounds 4]
 
 - ``discarded-qkv``: TransformerLens's own q/k/v projection, which the fused path replaces, handed zero positions
   (engine.MaskedModel._discarded_input_hook) or the whole normed residual;
@@ -8,9 +8,8 @@
   (mixing.write_heads) or, as before, into a fresh [head, batch, pos, d_model] tensor and then written;
 - ``grad-into``: the fused q/k/v backwards write each head reader's gradient into the mixing's gathering block
   (fused_qkv ``grad_into``) or, as before, into a fresh tensor that the mixing then copies there;
-- ``ln-folds``: under LayerNorm, the readers' means come out of the projection GEMM as one more column, and the
-  mean's gradient term goes into the backward GEMM as one more row (fused_qkv._NormProject), or each takes its
-  own pass over the [reader, batch·pos, d_model] tensors, as before.
+(``ln-folds``, the LayerNorm mean as one more GEMM column and its gradient as one more GEMM row, was measured at
+1.01x on the EP step and reverted: its switch lives at commit 5d49703.)
 
 Timed: the Edge Pruning core step (batch 32 × 20, as benchmarks/engine.py) and the frozen forward+backward; one
 EAP batch (tep.eap on 32 examples); an ACDC candidate from layer L/2 (96 × 16, 3.4 % kept after it, as
@@ -71,68 +70,7 @@ def switch_grad_into():
     fused_qkv._destination = switchable
 
 
-class _NormProjectBefore(torch.autograd.Function):
-    """fused_qkv._NormProject before the LayerNorm folds: the mean by its own pass over x, and its gradient term
-    added by one more pass over the readers' gradient (kept here as the "off" arm of ``ln-folds``)."""
-
-    @staticmethod
-    def forward(ctx, part, resid, Wg, const, kind, eps, scratch, grad_into):
-        n, batch, pos, d = part.shape
-        ctx.grad_into = grad_into
-        x = torch.add(part, resid, out=scratch) if scratch is not None and not any(ctx.needs_input_grad[:2]) \
-            else part + resid
-        x = x.view(n, batch * pos, d)
-        proj = torch.bmm(x, Wg)
-        ctx.kind, ctx.shapes = kind, (part.shape, resid.shape)
-        if kind == "none":
-            ctx.save_for_backward(Wg)
-            return proj.add_(const[:, None, :])
-        var = torch.linalg.vector_norm(x, dim=-1).square_().div_(d)
-        mean = None
-        if kind == "ln":
-            mean = x.mean(-1)
-            var.sub_(mean.square())
-            proj.sub_(mean[..., None] * Wg.sum(1)[:, None, :])
-        rstd = torch.rsqrt(var.add_(eps))
-        ctx.save_for_backward(Wg, x, proj, rstd, mean)
-        return torch.addcmul(const[:, None, :], rstd[..., None], proj)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        part_shape, resid_shape = ctx.shapes
-        go = grad_out.contiguous()
-        out = fused_qkv._destination(ctx, part_shape)
-        if ctx.kind == "none":
-            (Wg,) = ctx.saved_tensors
-            grad_x = torch.bmm(go, Wg.transpose(1, 2), out=out)
-        else:
-            Wg, x, centred, rstd, mean = ctx.saved_tensors
-            d = x.shape[-1]
-            g_proj = go * rstd[..., None]
-            g_var = (go * centred).sum(-1).mul_(rstd.pow(3)).mul_(-0.5)
-            grad_x = torch.bmm(g_proj, Wg.transpose(1, 2), out=out)
-            grad_x.addcmul_(x, (g_var * (2.0 / d))[..., None])
-            if ctx.kind == "ln":
-                g_mean = (g_proj * Wg.sum(1)[:, None, :]).sum(-1).add_(2 * mean * g_var).neg_()
-                grad_x.add_((g_mean / d)[..., None])
-        grad_part = grad_x.view(part_shape) if ctx.needs_input_grad[0] else None
-        grad_resid = grad_x.sum(0).view(resid_shape) if ctx.needs_input_grad[1] else None
-        return grad_part, grad_resid, None, None, None, None, None, None
-
-
-def switch_ln_folds():
-    after = fused_qkv._NormProject
-
-    class Switchable:
-        @staticmethod
-        def apply(*args):
-            return (after if ON["on"] else _NormProjectBefore).apply(*args)
-
-    fused_qkv._NormProject = Switchable
-
-
-CHANGES = {"discarded-qkv": switch_discarded_qkv, "write-heads": switch_write_heads, "grad-into": switch_grad_into,
-           "ln-folds": switch_ln_folds}
+CHANGES = {"discarded-qkv": switch_discarded_qkv, "write-heads": switch_write_heads, "grad-into": switch_grad_into}
 
 
 def ratio(s: dict) -> str:

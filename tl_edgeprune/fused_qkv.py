@@ -93,19 +93,15 @@ class _NormProject(Function):
         x = torch.add(part, resid, out=scratch) if scratch is not None and not any(ctx.needs_input_grad[:2]) \
             else part + resid
         x = x.view(n, batch * pos, d)
+        proj = torch.bmm(x, Wg)
         ctx.kind, ctx.shapes = kind, (part.shape, resid.shape)
         if kind == "none":
             ctx.save_for_backward(Wg)
-            return torch.bmm(x, Wg).add_(const[:, None, :])
-        mean = None
-        if kind == "ln":  # the mean as one more column of the GEMM (x·1/d): no separate pass over x
-            e = Wg.shape[-1]
-            proj_and_mean = torch.bmm(x, torch.cat([Wg, Wg.new_full((n, d, 1), 1.0 / d)], -1))
-            proj, mean = proj_and_mean[..., :e], proj_and_mean[..., e]
-        else:
-            proj = torch.bmm(x, Wg)
+            return proj.add_(const[:, None, :])
         var = torch.linalg.vector_norm(x, dim=-1).square_().div_(d)  # E[x²]
+        mean = None
         if kind == "ln":
+            mean = x.mean(-1)
             var.sub_(mean.square())
             colsum = Wg.sum(1)
             proj.sub_(mean[..., None] * colsum[:, None, :])  # (x − mean)·γW
@@ -126,14 +122,11 @@ class _NormProject(Function):
             d = x.shape[-1]
             g_proj = go * rstd[..., None]
             g_var = (go * centred).sum(-1).mul_(rstd.pow(3)).mul_(-0.5)  # ∂/∂var through rstd
-            if ctx.kind == "ln":  # the mean's part (through the centring and through var) as one more GEMM row
-                g_mean = (g_proj * Wg.sum(1)[:, None, :]).sum(-1).add_(2 * mean * g_var).neg_()
-                n = Wg.shape[0]
-                grad_x = torch.bmm(torch.cat([g_proj, (g_mean / d)[..., None]], -1),
-                                   torch.cat([Wg.transpose(1, 2), Wg.new_ones((n, 1, d))], 1), out=out)
-            else:
-                grad_x = torch.bmm(g_proj, Wg.transpose(1, 2), out=out)
+            grad_x = torch.bmm(g_proj, Wg.transpose(1, 2), out=out)
             grad_x.addcmul_(x, (g_var * (2.0 / d))[..., None])  # var's E[x²] part
+            if ctx.kind == "ln":  # the mean's part, through the centring and through var
+                g_mean = (g_proj * Wg.sum(1)[:, None, :]).sum(-1).add_(2 * mean * g_var).neg_()
+                grad_x.add_((g_mean / d)[..., None])
         grad_part = grad_x.view(part_shape) if ctx.needs_input_grad[0] else None
         grad_resid = grad_x.sum(0).view(resid_shape) if ctx.needs_input_grad[1] else None
         return grad_part, grad_resid, None, None, None, None, None, None

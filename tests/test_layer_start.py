@@ -125,6 +125,13 @@ def test_start_refuses_what_it_cannot_do(tokens):
                 mm(clean, cf, start=starts.resid_pre[1])
             with pytest.raises(EdgePruneError, match="layer must be in"):
                 starts.at(graph.spec.n_layers)
+            single = mm.interchange(corrupted, single_use=True)  # a refused call leaves it unspent
+            with pytest.raises(EdgePruneError, match="removes some"):
+                mm(clean, single, graph.zeros(), start=starts.at(1))
+            assert not single.spent
+            torch.testing.assert_close(mm(clean, single, mask_after(graph, 1), start=starts.at(1)),
+                                       mm(clean, cf, mask_after(graph, 1)), atol=ATOL, rtol=0)
+            assert single.spent
         with pytest.raises(EdgePruneError, match="no_grad"):
             mm(clean, cf, mask_after(graph, 1).requires_grad_(), start=starts.at(1))
     assert isinstance(starts.at(0), LayerStart)

@@ -544,7 +544,7 @@ class MaskedModel:
         chunks = [(ci, chunk) for ci, chunk in enumerate(self.graph.writer_chunks) if chunk.layer < run.start.layer]
         if not chunks:
             return
-        self._ensure_buffer(run, ys[:1])
+        self._ensure_buffer(run, ys, ys.shape[1:])
         buffer, sparse = run.buffer, run.buffer.sparse
         memo = run.in_place is None and run.layout is None
         kept = left.rows_for(buffer.values, ys, run.cf_values, sparse is not None) if memo and left else 0
@@ -563,18 +563,19 @@ class MaskedModel:
             sums = None if sparse is None else dict(sparse.prefix_sums)
             self._replayed = ReplayedRows(buffer.values, ys, run.cf_values, chunks[-1][1].stop, sums)
 
-    def _ensure_buffer(self, run: Forward, y: torch.Tensor) -> None:
+    def _ensure_buffer(self, run: Forward, like: torch.Tensor, shape: Sequence[int]) -> None:
+        """The run's writer buffer, [writer, *shape] in ``like``'s dtype and device (shape: batch, pos, d_model)."""
         if run.buffer is not None:
             return
         if isinstance(run, Mix):  # capture buffers are handed to the caller: never reused
             self._replayed = None  # this forward may write any row of the pooled storage
-            run.buffer = self._pool.buffer(self.graph.n_writers, y.shape[1:], y.dtype, y.device, run.in_place)
+            run.buffer = self._pool.buffer(self.graph.n_writers, shape, like.dtype, like.device, run.in_place)
             run.buffer.coef_zero = run.removes_nothing
             run.buffer.layout = run.layout
             if self.sparse_mixing and not torch.is_grad_enabled() and run.layout is None and not run.removes_nothing:
                 run.buffer.sparse = SparseMixing(run.buffer.values[0])  # products may skip 0 (or −1) coefficients
         else:
-            run.buffer = DeltaBuffer(self.graph.n_writers, y.shape[1:], y.dtype, y.device)
+            run.buffer = DeltaBuffer(self.graph.n_writers, shape, like.dtype, like.device)
 
     def _expected_hook_keys(self) -> Counter:
         keys = Counter()
@@ -667,18 +668,11 @@ class MaskedModel:
             if chunk.kind == "attn":
                 # Per-head outputs from hook_z and W_O: [head, batch, pos, d_model], never use_attn_result.
                 W_O = self.adapter.W_O(chunk.layer)
-                if not (mix and run.layout is not None) and not (torch.is_grad_enabled() and W_O.requires_grad):
-                    b, p = activation.shape[:2]
-                    self._ensure_buffer(run, activation.new_empty(()).expand(W_O.shape[0], b, p, W_O.shape[-1]))
-                    run.tokens[chunk_index] = write_heads(activation, W_O, cf, run.buffer, chunk.start, chunk.stop)
-                else:
-                    y = torch.einsum("bphe,hed->hbpd", activation, W_O)
-                    self._ensure_buffer(run, y)
-                    run.tokens[chunk_index] = write(y, cf, run.buffer, chunk.start, chunk.stop)
+                self._ensure_buffer(run, activation, (*activation.shape[:2], W_O.shape[-1]))
+                run.tokens[chunk_index] = write_heads(activation, W_O, cf, run.buffer, chunk.start, chunk.stop)
             else:
-                y = activation.unsqueeze(0)
-                self._ensure_buffer(run, y)
-                run.tokens[chunk_index] = write(y, cf, run.buffer, chunk.start, chunk.stop)
+                self._ensure_buffer(run, activation, activation.shape)
+                run.tokens[chunk_index] = write(activation.unsqueeze(0), cf, run.buffer, chunk.start, chunk.stop)
             if run.writers_only and all(t is not None for t in run.tokens):
                 raise _WritersDone
             return None  # writers are only observed: the residual stream itself is never changed

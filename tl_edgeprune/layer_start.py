@@ -55,8 +55,7 @@ class ReplayedRows:
     def __init__(self, values: torch.Tensor, writer_outputs: torch.Tensor, counterfactual: torch.Tensor | None,
                  n_rows: int, prefix_sums: dict[int, torch.Tensor] | None):
         self.values = values
-        self._sources = [(weakref.ref(t), t._version) for t in (writer_outputs, counterfactual) if t is not None]
-        self._has_counterfactual = counterfactual is not None
+        self._sources = [None if t is None else (weakref.ref(t), t._version) for t in (writer_outputs, counterfactual)]
         self.n_rows = n_rows
         self.prefix_sums = prefix_sums  # the sparse products' Σ of rows [0, stop) at each writer chunk's stop
 
@@ -64,11 +63,9 @@ class ReplayedRows:
                  need_sums: bool) -> int:
         """Leading rows of ``values`` that hold these sources' clean deltas already (0: none can be trusted).
         Identity and version counters of both sources: a tensor changed in place, or a new one, matches nothing."""
-        sources = [t for t in (writer_outputs, counterfactual) if t is not None]
-        if (values is not self.values or (counterfactual is not None) != self._has_counterfactual
-                or (need_sums and self.prefix_sums is None) or len(sources) != len(self._sources)):
+        if values is not self.values or (need_sums and self.prefix_sums is None):
             return 0
-        for t, (ref, version) in zip(sources, self._sources):
-            if ref() is not t or t._version != version:
+        for t, kept in zip((writer_outputs, counterfactual), self._sources):
+            if (t is None) != (kept is None) or (t is not None and (kept[0]() is not t or t._version != kept[1])):
                 return 0
         return self.n_rows

@@ -429,7 +429,9 @@ def write_heads(z: torch.Tensor, W_O: torch.Tensor, counterfactual: torch.Tensor
                 start: int, stop: int):
     """Store ``y − ỹ`` of a layer's heads, ``y_h = z_h·W_O[h]``, computed straight into the buffer's rows (no
     [head, batch, pos, d_model] temporary: a fresh one page-faults on CPU); returns the token that carries their
-    gradient to ``z``. For weights that take no gradient and the ordinary graph's layout (else ``write``)."""
+    gradient to ``z``. A positional layout, or W_O taking a gradient, goes through y and ``write`` instead."""
+    if buffer.layout is not None or (torch.is_grad_enabled() and W_O.requires_grad):
+        return write(torch.einsum("bphe,hed->hbpd", z, W_O), counterfactual, buffer, start, stop)
     buffer.written[start:stop] = [True] * (stop - start)
     return _WriteHeads.apply(z, W_O, counterfactual, buffer, start, stop)
 

@@ -8,7 +8,8 @@ batch_size=256), the model's weights frozen, no gradients:
 
 - "plain forward": ``model(clean)``, every position unembedded (what a TransformerLens user runs);
 - "candidate, all positions unembedded": the masked forward as acdc ran it until this change;
-- "candidate, whole model, scored positions only": ``logits_at=`` the positions the metric reads (last here);
+- "candidate, whole model, scored positions only": ``logits_at=`` the positions the metric reads (last here),
+  returned as those rows alone (``gathered=True``, as acdc does since the thirteenth session);
 - "from layer l": acdc now, for a candidate into a reader of layer l (``start=mm.clean_starts(clean).at(l)``).
 
 - "from layer l, clean rows replayed": the same with the writers before l written into the buffer again (as until
@@ -93,11 +94,11 @@ def main() -> None:
         steps = {
             "plain forward": lambda: mm.full_logits(clean),  # the model's own forward, every position unembedded
             "candidate, whole model, all positions unembedded": lambda: mm(clean, cf, masks[0]),
-            "candidate, whole model, scored positions only": lambda: mm(clean, cf, masks[0], logits_at=at),
+            "candidate, whole model, scored positions only": lambda: mm(clean, cf, masks[0], logits_at=at, gathered=True),
         }
         for layer in range(1, graph.spec.n_layers):
             def candidate(layer=layer):
-                return mm(clean, cf, masks[layer], logits_at=at, start=starts.at(layer))
+                return mm(clean, cf, masks[layer], logits_at=at, start=starts.at(layer), gathered=True)
             # In this order the second finds the clean rows the first left, as each of a layer's candidates after
             # its first does in a pass (acdc judges a reader's edges one after another, layers from the last).
             steps[f"from layer {layer}, clean rows replayed"] = replayed(candidate)

@@ -1,6 +1,6 @@
 """A/B of one engine change, switched on and off on one warm model, interleaved, one thread by default:
 
-    python benchmarks/change_ab.py --change discarded-qkv|write-heads|grad-into [--model gpt2-shape|smollm2] [--rounds 4]
+    python benchmarks/change_ab.py --change discarded-qkv|write-heads|grad-into|gathered-logits [--model ...] [--rounds 4]
 
 - ``discarded-qkv``: TransformerLens's own q/k/v projection, which the fused path replaces, handed zero positions
   (engine.MaskedModel._discarded_input_hook) or the whole normed residual;
@@ -8,6 +8,8 @@
   (mixing.write_heads) or, as before, into a fresh [head, batch, pos, d_model] tensor and then written;
 - ``grad-into``: the fused q/k/v backwards write each head reader's gradient into the mixing's gathering block
   (fused_qkv ``grad_into``) or, as before, into a fresh tensor that the mixing then copies there;
+- ``gathered-logits``: the scored positions' logits handed to the objective as rows (``gathered=True``), or, as
+  before, placed in a [batch, pos, vocab] tensor of zeros (and its gradient) that the objective then reads back;
 (``ln-folds``, the LayerNorm mean as one more GEMM column and its gradient as one more GEMM row, was measured at
 1.01x on the EP step and reverted: its switch lives at commit 5d49703.)
 
@@ -70,7 +72,19 @@ def switch_grad_into():
     fused_qkv._destination = switchable
 
 
-CHANGES = {"discarded-qkv": switch_discarded_qkv, "write-heads": switch_write_heads, "grad-into": switch_grad_into}
+def switch_gathered_logits():
+    new = E.MaskedModel._forward_at
+
+    def switchable(self, tokens, attention_mask, at, start=None, gathered=False):
+        if ON["on"] or not gathered:
+            return new(self, tokens, attention_mask, at, start, gathered)
+        return new(self, tokens, attention_mask, at, start, False)[at]  # off: zeros around the rows, then read back
+
+    E.MaskedModel._forward_at = switchable
+
+
+CHANGES = {"discarded-qkv": switch_discarded_qkv, "write-heads": switch_write_heads, "grad-into": switch_grad_into,
+           "gathered-logits": switch_gathered_logits}
 
 
 def ratio(s: dict) -> str:
@@ -117,7 +131,7 @@ def main() -> None:
 
             def candidate():
                 with torch.no_grad():
-                    mm(a_clean, cf, mask, logits_at=a_data.positions, start=starts.at(layer))
+                    mm(a_clean, cf, mask, logits_at=a_data.positions, start=starts.at(layer), gathered=True)
 
             def plain():
                 with torch.no_grad():

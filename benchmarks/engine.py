@@ -38,7 +38,7 @@ import tl_edgeprune as tep  # noqa: E402
 from tl_edgeprune.data import paired_data  # noqa: E402
 from tl_edgeprune.edge_pruning import frozen_parameters  # noqa: E402
 from tl_edgeprune.hard_concrete import HardConcrete  # noqa: E402
-from tl_edgeprune.metrics import kl_divergence  # noqa: E402
+from tl_edgeprune.metrics import kl_on_rows  # noqa: E402
 
 
 def load_model(name: str, dtype: str = "float32"):
@@ -124,11 +124,11 @@ def edge_pruning_step(mm, clean, corrupted, target_sparsity: float = 0.5, per_st
     graph = mm.graph
     data = paired_data(clean, corrupted, positions="last")
     cf = full = None
-    at = data.positions  # as the loop does for the built-in objectives: unembed the scored positions only
+    at = data.positions  # as the loop does for the built-in objectives: unembed the scored positions only, as rows
     if not per_step_counterfactual:
         cf = mm.interchange(corrupted)
         with torch.no_grad():
-            full = mm.full_logits(clean, at=at)
+            full = mm.full_logits(clean, at=at, gathered=True)
     gen = torch.Generator().manual_seed(0)
     edges, nodes = HardConcrete(graph.shape, gen), HardConcrete((graph.n_writers,), gen)
     lambdas = torch.nn.Parameter(torch.zeros(2))
@@ -141,11 +141,11 @@ def edge_pruning_step(mm, clean, corrupted, target_sparsity: float = 0.5, per_st
         if per_step_counterfactual:
             cf = mm.interchange(corrupted, single_use=True)
             with torch.no_grad():
-                full = mm.full_logits(clean, at=at)
+                full = mm.full_logits(clean, at=at, gathered=True)
         z = edges.sample(gen) * valid
-        logits = mm(clean, cf, z, nodes.sample(gen), logits_at=at, position_classes=position_classes)
+        logits = mm(clean, cf, z, nodes.sample(gen), logits_at=at, position_classes=position_classes, gathered=True)
         gap = 1 - (edges.prob_nonzero() * valid).sum() / graph.n_edges - target_sparsity
-        loss = kl_divergence(logits, full, data) + lambdas[0] * gap + lambdas[1] * gap**2
+        loss = kl_on_rows(logits, full, data) + lambdas[0] * gap + lambdas[1] * gap**2
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         lambdas.grad.neg_()

@@ -362,7 +362,8 @@ def scored_positions(shape, seed=8):
 @pytest.mark.parametrize("model_id", MODEL_IDS + ["toy-reverse"])
 def test_logits_at_unembeds_only_the_scored_positions(model_id, tokens):
     """Masked forward, its mask gradient and the target with ``logits_at`` equal the full computation at the scored
-    positions (the final norm and unembedding run on those rows alone), and are 0 elsewhere."""
+    positions (the final norm and unembedding run on those rows alone), and are 0 elsewhere; with ``gathered=True``
+    they are those rows alone, bit for bit, and so is the mask gradient through them."""
     if model_id == "toy-reverse":
         task = load_tracr("reverse", "toy")
         model, clean = task.model, task.encode(task.inputs())[:3]
@@ -377,12 +378,18 @@ def test_logits_at_unembeds_only_the_scored_positions(model_id, tokens):
         z0 = torch.rand(mm.graph.shape, generator=gen)
         nodes = torch.rand(mm.graph.n_writers, generator=gen)
         outs, grads = {}, {}
-        for name, where in (("all", None), ("at", at)):
+        for name, where in (("all", None), ("at", at), ("rows", at)):
             z = z0.clone().requires_grad_(True)
-            outs[name] = mm(clean, cf, z, nodes, logits_at=where)
-            outs[name][at].log_softmax(-1)[:, 1].sum().backward()
+            outs[name] = mm(clean, cf, z, nodes, logits_at=where, gathered=name == "rows")
+            scored = outs[name] if name == "rows" else outs[name][at]
+            scored.log_softmax(-1)[:, 1].sum().backward()
             grads[name] = z.grad
         full, full_at = mm.full_logits(clean), mm.full_logits(clean, at=at)
+        full_rows = mm.full_logits(clean, at=at, gathered=True)
+    assert tuple(outs["rows"].shape) == (int(at.sum()), full.shape[-1])
+    torch.testing.assert_close(outs["rows"], outs["at"][at], atol=0, rtol=0)
+    torch.testing.assert_close(grads["rows"], grads["at"], atol=0, rtol=0)
+    torch.testing.assert_close(full_rows, full_at[at], atol=0, rtol=0)
     torch.testing.assert_close(outs["at"][at], outs["all"][at], atol=ATOL, rtol=0)
     assert not outs["at"][~at].any() and not full_at[~at].any()
     torch.testing.assert_close(full_at[at], full[at], atol=ATOL, rtol=0)
@@ -403,3 +410,8 @@ def test_logits_at_must_be_a_bool_mask_of_the_tokens_shape(tokens):
             mm.full_logits(clean, at=torch.zeros(clean.shape, dtype=torch.bool))
         with pytest.raises(tep.EdgePruneError, match="bool tensor"):
             mm.full_logits(clean, at=torch.ones(clean.shape))
+        with pytest.raises(tep.EdgePruneError, match="pass logits_at="):
+            mm(clean, cf, gathered=True)
+        with pytest.raises(tep.EdgePruneError, match="gathered must be True or False"):
+            mm.full_logits(clean, at=clean > 0, gathered="yes")
+        assert not cf.spent

@@ -39,11 +39,11 @@ def recomputed(mm, batch):
 
 
 def assert_target_close(full, expected, batch, scored_only):
-    """All positions, or the scored ones (and zeros elsewhere) when only those are kept."""
+    """All positions, or (when only those are kept) the scored ones as rows, in ``logits[positions]``'s order."""
     if scored_only:
         pos = batch.positions
-        torch.testing.assert_close(full[pos], expected[pos], atol=ATOL, rtol=0)
-        assert not full[~pos].any()
+        assert tuple(full.shape) == (int(pos.sum()), expected.shape[-1])
+        torch.testing.assert_close(full, expected[pos], atol=ATOL, rtol=0)
     else:
         torch.testing.assert_close(full, expected, atol=ATOL, rtol=0)
 

@@ -79,7 +79,9 @@ def test_start_with_padding_and_scored_positions_only():
         mask = mask_after(mm.graph, 1)
         full = mm(clean, cf, mask, attention_mask=attention_mask, logits_at=at)
         fast = mm(clean, cf, mask, attention_mask=attention_mask, logits_at=at, start=starts.at(1))
+        rows = mm(clean, cf, mask, attention_mask=attention_mask, logits_at=at, start=starts.at(1), gathered=True)
     torch.testing.assert_close(fast, full, atol=ATOL, rtol=0)
+    torch.testing.assert_close(rows, fast[at], atol=0, rtol=0)  # the same rows, without the zeros around them
     assert bool(fast[at].abs().sum(-1).gt(0).all()) and float(fast[~at].abs().max()) == 0.0
 
 

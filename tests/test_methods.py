@@ -5,8 +5,9 @@ import torch
 
 import tl_edgeprune as tep
 from tl_edgeprune.acdc import acdc
-from tl_edgeprune.eap import default_metric, eap
+from tl_edgeprune.eap import default_metric, default_metric_on_rows, eap
 from tl_edgeprune.hap import hap
+from tl_edgeprune.metrics import kl_divergence
 from tl_edgeprune.selection import faithfulness_curve, greedy
 from tl_edgeprune.tracr_models import CANONICAL_CIRCUITS, load_tracr
 
@@ -152,3 +153,48 @@ def test_evaluate_circuits_shares_work_and_gives_evaluates_numbers():
     curve = faithfulness_curve(model, data, scores, [5, 40, 120], batch_size=8)
     assert curve.kl == pytest.approx([r["kl"] for r in together], abs=1e-5)
     assert together[0]["kl"] > together[2]["kl"]  # more edges, closer to the model: the test can fail
+
+
+def scattered_positions(data, seed=9):
+    """0 to 3 scored positions per example, the last always among them (so answers are read where expected)."""
+    at = torch.rand(data.positions.shape, generator=torch.Generator().manual_seed(seed)) < 0.4
+    at[:, -1] = True
+    return at
+
+
+@pytest.mark.parametrize("answers", ["answers and distractors", "answers", "none"])
+def test_default_metric_on_rows_is_default_metric(answers):
+    """The gathered form reads each example's last scored row by the running count: same value, bit for bit."""
+    model, data = tiny_task()
+    data.positions = scattered_positions(data)
+    if answers != "answers and distractors":
+        data.distractors = None
+    if answers == "none":
+        data.answers = None
+    logits = model(data.clean)
+    torch.testing.assert_close(default_metric_on_rows(logits[data.positions], data), default_metric(logits, data),
+                               atol=0, rtol=0)
+
+
+def test_methods_on_gathered_rows_equal_the_all_position_path():
+    """The built-in metrics run on the scored rows alone (gathered=True); the same metric passed as a user's
+    callable runs on [batch, pos, vocab] logits: EAP scores, ACDC scores and circuit, and an Edge Pruning run agree."""
+    model, data = tiny_task()
+    data.positions = scattered_positions(data)
+    ours = eap(model, data, batch_size=5, progress=False)
+    theirs = eap(model, data, batch_size=5, progress=False, metric=lambda logits, batch: default_metric(logits, batch))
+    torch.testing.assert_close(ours.scores, theirs.scores, atol=1e-5, rtol=1e-4)
+    assert ours.scores.abs().max() > 1e-3
+    kl = lambda c, f, b: kl_divergence(c, f, b)  # noqa: E731 (not the built-in object: the all-position path)
+    for start_at_layer in (True, False):
+        a = acdc(model, data, threshold=0.02, progress=False, start_at_layer=start_at_layer)
+        b = acdc(model, data, threshold=0.02, progress=False, metric=kl, start_at_layer=start_at_layer)
+        torch.testing.assert_close(a.scores, b.scores, atol=1e-5, rtol=1e-4)
+        assert torch.equal(a.mask(), b.mask()) and 0 < a.n_edges < a.graph.n_edges
+    opts = dict(steps=6, batch_size=6, init_log_alpha=0.0, lr=0.3, progress=False)  # masks far from 1: KL > 0
+    r1 = tep.edge_pruning(model, data, 0.6, **opts)
+    r2 = tep.edge_pruning(model, data, 0.6, objective=kl, **opts)
+    assert min(r1.history["objective"]) > 1e-3
+    torch.testing.assert_close(torch.tensor(r1.history["objective"]), torch.tensor(r2.history["objective"]),
+                               atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(r1.edge_log_alpha, r2.edge_log_alpha, atol=1e-5, rtol=1e-4)

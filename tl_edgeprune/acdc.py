@@ -25,13 +25,14 @@ from . import validation
 from .fingerprint import model_fingerprint
 from .graph import InputNodes
 from .layer_start import CleanStarts
-from .metrics import OBJECTIVES, Objective, resolve_objective
+from .metrics import ON_SCORED_ROWS, Objective, resolve_objective
 from .options import checked_options
 from .threads import torch_threads
 
 
 class _Batch(NamedTuple):
-    """What every candidate reuses of one batch: ỹ, the full model's logits, and the clean run per layer."""
+    """What every candidate reuses of one batch: ỹ, the full model's logits (at ``logits_at`` only, as rows, when
+    set), and the clean run per layer."""
 
     data: PairedData
     counterfactual: Any
@@ -73,7 +74,11 @@ def acdc(
     data = as_data(data)
     classes = position_names_for(data, positional)
     objective = resolve_objective(metric)
-    scored_only = objective in OBJECTIVES.values()  # the built-in metrics read the scored positions alone
+    # The built-in metrics read the scored positions alone: only those are unembedded, and kept as rows (the full
+    # model's logits too: [scored, vocab] per batch, not [batch, pos, vocab] of mostly zeros)
+    on_rows = ON_SCORED_ROWS.get(objective)
+    if on_rows is not None:
+        objective = on_rows
     t0 = time.perf_counter()
     with torch.no_grad(), torch_threads(model, threads), frozen_parameters(model), \
             MaskedModel(model, input_nodes=input_nodes, position_classes=classes) as mm:
@@ -83,12 +88,13 @@ def acdc(
         batches = []
         for batch in data.batches(batch_size):
             batch = batch.to(mm.device)
-            at = batch.positions if scored_only else None
+            at = batch.positions if on_rows is not None else None
             starts = None
             if start_at_layer and mm.starts_at_layer(batch.attention_mask):
                 starts = mm.clean_starts(batch.clean, batch.attention_mask)
-            batches.append(_Batch(batch, source(batch), mm.full_logits(batch.clean, batch.attention_mask, at=at), at,
-                                  mm.position_classes_of(batch), starts))
+            cf = source(batch)
+            full = mm.full_logits(batch.clean, batch.attention_mask, at=at, gathered=at is not None)
+            batches.append(_Batch(batch, cf, full, at, mm.position_classes_of(batch), starts))
         last_layer = graph.spec.n_layers - 1
 
         def score(mask: torch.Tensor, layer: int = 0) -> float:
@@ -97,7 +103,8 @@ def acdc(
             for b in batches:
                 start = b.starts.at(min(layer, last_layer)) if b.starts is not None and layer > 0 else None
                 logits = mm(b.data.clean, b.counterfactual, mask, attention_mask=b.data.attention_mask,
-                            logits_at=b.logits_at, position_classes=b.position_classes, start=start)
+                            logits_at=b.logits_at, position_classes=b.position_classes, start=start,
+                            gathered=b.logits_at is not None)
                 total += float(objective(logits, b.full, b.data)) * len(b.data)
             return total / len(data)
 

@@ -33,16 +33,32 @@ Metric = Callable[[torch.Tensor, PairedData], torch.Tensor]
 def default_metric(logits: torch.Tensor, batch: PairedData) -> torch.Tensor:
     """Logit difference (answer − distractor) when the data has them; else the answer's log-prob;
     else the mean log-prob of the model's own prediction at every scored position."""
-    rows = torch.arange(len(batch), device=logits.device)
     if batch.answers is not None:
-        at = _last_scored(batch).to(logits.device)
-        final = logits[rows, at]
-        answers = batch.answers.to(logits.device)
-        if batch.distractors is not None:
-            return (final[rows, answers] - final[rows, batch.distractors.to(logits.device)]).mean()
-        return final.log_softmax(-1)[rows, answers].mean()
-    pos = batch.positions.to(logits.device)
-    scored = logits[pos]
+        rows = torch.arange(len(batch), device=logits.device)
+        return _answer_metric(logits[rows, _last_scored(batch).to(logits.device)], batch)
+    return _prediction_metric(logits[batch.positions.to(logits.device)])
+
+
+def default_metric_on_rows(scored: torch.Tensor, batch: PairedData) -> torch.Tensor:
+    """``default_metric`` on ``logits[batch.positions]`` (the engine's ``gathered=True``), for a batch whose every
+    example scores a position: an example's last scored row is its count's running sum − 1 (row-major order)."""
+    if batch.answers is not None:
+        last = batch.positions.sum(1).cumsum(0).to(scored.device) - 1
+        return _answer_metric(scored[last], batch)
+    return _prediction_metric(scored)
+
+
+def _answer_metric(final: torch.Tensor, batch: PairedData) -> torch.Tensor:
+    """[example, vocab] logits at each example's last scored position -> logit difference or answer log-prob."""
+    rows = torch.arange(len(batch), device=final.device)
+    answers = batch.answers.to(final.device)
+    if batch.distractors is not None:
+        return (final[rows, answers] - final[rows, batch.distractors.to(final.device)]).mean()
+    return final.log_softmax(-1)[rows, answers].mean()
+
+
+def _prediction_metric(scored: torch.Tensor) -> torch.Tensor:
+    """[scored, vocab] -> mean log-prob of the model's own prediction (a numeric output: its mean value)."""
     if scored.shape[-1] == 1:  # numeric output: the value itself
         return scored[..., 0].mean()
     logp = scored.log_softmax(-1)
@@ -131,15 +147,21 @@ def eap(
             batch = batch.to(mm.device)
             cf = source(batch)
             z = graph.ones(device=mm.device).requires_grad_(True)
-            # the default metric reads scored positions only: only those are unembedded (a user's metric gets all)
-            at = batch.positions if metric_fn is default_metric else None
+            # the default metric reads scored positions only: only those are unembedded, and handed over as rows
+            # where every example scores one (a user's metric gets every position)
+            at, batch_metric = None, metric_fn
+            if metric_fn is default_metric:
+                at = batch.positions
+                if bool(at.any(1).all()):
+                    batch_metric = default_metric_on_rows
+            gathered = batch_metric is default_metric_on_rows
             if gradient_at == "corrupted":  # one gradient at α = 0: the corrupted run, with the clean deltas
-                _integrated_gradients(mm, batch, cf, z, metric_fn, 1, "left", at)
+                _integrated_gradients(mm, batch, cf, z, batch_metric, 1, "left", at, gathered)
             elif ig_steps is None:
-                metric_fn(mm(batch.clean, cf, z, attention_mask=batch.attention_mask, logits_at=at,
-                             position_classes=mm.position_classes_of(batch)), batch).backward()
+                batch_metric(mm(batch.clean, cf, z, attention_mask=batch.attention_mask, logits_at=at,
+                                position_classes=mm.position_classes_of(batch), gathered=gathered), batch).backward()
             else:
-                _integrated_gradients(mm, batch, cf, z, metric_fn, ig_steps, ig_grid, at)
+                _integrated_gradients(mm, batch, cf, z, batch_metric, ig_steps, ig_grid, at, gathered)
             total += z.grad.detach().double().cpu() * len(batch)
         scores = (total / len(data)) * graph.valid_mask()
     method = f"eap-ig({ig_steps})" if ig_steps else "eap"
@@ -153,7 +175,7 @@ def eap(
 
 
 def _integrated_gradients(mm: MaskedModel, batch: PairedData, cf, z: torch.Tensor, metric_fn: Metric, steps: int,
-                          grid: str = "right", logits_at: torch.Tensor | None = None) -> None:
+                          grid: str = "right", logits_at: torch.Tensor | None = None, gathered: bool = False) -> None:
     """Accumulate (1/m) Σ_k grad at inputs interpolated from corrupted (α=0) to clean (α=1) into z.grad: at
     α = k/m for k = 1..m ("right") or k = 0..m−1 ("left")."""
     clean_y = mm.writer_outputs(batch.clean, batch.attention_mask)
@@ -170,5 +192,5 @@ def _integrated_gradients(mm: MaskedModel, batch: PairedData, cf, z: torch.Tenso
 
         with mm.extra_hooks([("blocks.0.hook_resid_pre", interpolate)]):
             logits = mm(batch.clean, cf, z, attention_mask=batch.attention_mask, fixed_deltas=deltas,
-                        logits_at=logits_at, position_classes=mm.position_classes_of(batch))
+                        logits_at=logits_at, position_classes=mm.position_classes_of(batch), gathered=gathered)
         (metric_fn(logits, batch) / steps).backward()

@@ -28,7 +28,7 @@ from .example_cache import ExampleCache
 from .fingerprint import model_fingerprint, tensor_digest
 from .graph import Graph, GraphSpec, InputNodes
 from .hard_concrete import HardConcrete
-from .metrics import OBJECTIVES, Objective, resolve_objective
+from .metrics import ON_SCORED_ROWS, Objective, resolve_objective
 from .options import checked_options
 from .threads import torch_threads
 
@@ -377,8 +377,12 @@ def edge_pruning(
             state = checkpoint.load(cfg.checkpoint_path, identity)
             start, history = _restore(state, edge_gates, node_gates, lambdas, optimizer, scheduler, gen)
         source = counterfactual_source(mm, cfg.ablation, data, mean_reference, single_use=True)  # keep y − ỹ only
-        # The built-in objectives read scored positions only: only those are unembedded, and cached.
-        scored_only = objective in OBJECTIVES.values()
+        # The built-in objectives read scored positions only: only those are unembedded, cached, and handed over as
+        # rows ([scored, vocab]: no [batch, pos, vocab] of zeros, nor its gradient)
+        on_rows = ON_SCORED_ROWS.get(objective)
+        scored_only = on_rows is not None
+        if on_rows is not None:
+            objective = on_rows
         per_example = ExampleCache(mm, data, source, cfg.cache_gib, scored_only=scored_only)
         step_batches = StepBatches(data, cfg.batch_size, cfg.seed)
 
@@ -426,7 +430,7 @@ def edge_pruning(
             nodes = node_gates.sample(gen) if node_gates is not None else None
             logits = mm(batch.clean, cf, z, nodes, attention_mask=batch.attention_mask,
                         logits_at=batch.positions if scored_only else None,
-                        position_classes=mm.position_classes_of(batch))
+                        position_classes=mm.position_classes_of(batch), gathered=scored_only)
             obj = objective(logits, full, batch)
             if cfg.sparsity_from == "sampled":
                 sparsity = 1 - z.sum() / graph.n_edges

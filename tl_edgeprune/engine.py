@@ -234,7 +234,8 @@ class MaskedModel:
         logits_at: Bool[torch.Tensor, "batch pos"] | None = None,
         position_classes: Int[torch.Tensor, "batch pos"] | None = None,
         start: LayerStart | None = None,
-    ) -> Float[torch.Tensor, "batch pos vocab"]:
+        gathered: bool = False,
+    ) -> Float[torch.Tensor, "batch pos vocab"] | Float[torch.Tensor, "scored vocab"]:
         """Logits of the masked forward. Masks: float (gradients flow) or bool; None means all ones.
 
         ``position_classes`` (positional graphs only, and required there): the class index of every position;
@@ -244,6 +245,8 @@ class MaskedModel:
         then ``fixed_delta · ∂metric/∂reader_in`` whatever the input, which is what EAP-IG averages.
         ``logits_at``: the positions an objective reads; the model's final norm and unembedding run on those
         alone (the logits elsewhere are 0), which saves most of the unembedding's cost when one position counts.
+        ``gathered=True`` (with ``logits_at``): return ``logits[logits_at]``, [scored, vocab], without the
+        [batch, pos, vocab] of zeros around it (and its gradient), as the built-in objectives read them.
         ``start`` (``mm.clean_starts(tokens).at(l)``; without gradients): run layers l.. only, the writers before l
         taken from the clean run, for masks that remove no edge into a reader before layer l (ACDC's candidates).
         Where the model cannot start at a layer (``starts_at_layer``: a TransformerBridge), the whole model runs.
@@ -252,7 +255,7 @@ class MaskedModel:
         self._check_hooks_unchanged()
         tokens = self._check_tokens(tokens, "tokens")
         attention_mask = self._check_attention_mask(attention_mask, tokens)
-        logits_at = self._check_logits_at(logits_at, tokens)
+        logits_at = self._check_logits_at(logits_at, tokens, gathered)
         layout = self._position_layout(position_classes, tokens)
         if not isinstance(counterfactual, Counterfactual):
             raise EdgePruneError(
@@ -287,7 +290,7 @@ class MaskedModel:
             if cf is not None and cf.is_contiguous() and cf.shape[1:3] == tokens.shape:
                 in_place = cf
         run = Mix(len(self.graph.writer_chunks), removal, cf, layout=layout, logits_at=logits_at, start=begin,
-                  in_place=in_place, fixed=fixed)
+                  in_place=in_place, fixed=fixed, gathered=gathered)
         return self._execute(run, tokens, attention_mask)
 
     def starts_at_layer(self, attention_mask: torch.Tensor | None = None) -> bool:
@@ -448,19 +451,21 @@ class MaskedModel:
         tokens: Int[torch.Tensor, "batch pos"],
         attention_mask: Int[torch.Tensor, "batch pos"] | None = None,
         at: Bool[torch.Tensor, "batch pos"] | None = None,
-    ) -> Float[torch.Tensor, "batch pos vocab"]:
+        gathered: bool = False,
+    ) -> Float[torch.Tensor, "batch pos vocab"] | Float[torch.Tensor, "scored vocab"]:
         """The unmasked model's logits (the target of Edge Pruning's objective), by the model's own forward.
 
         Bit-identical to ``model(tokens)`` outside the context, and as cheap: the hooks stay inert and the
-        per-head q/k/v flags are off for this call. ``at``: unembed only these positions (0 elsewhere).
+        per-head q/k/v flags are off for this call. ``at``: unembed only these positions (0 elsewhere);
+        ``gathered=True``: return ``logits[at]`` only, [scored, vocab].
         """
         self._require_active()
         tokens = self._check_tokens(tokens, "tokens")
         attention_mask = self._check_attention_mask(attention_mask, tokens)
-        at = self._check_logits_at(at, tokens)
+        at = self._check_logits_at(at, tokens, gathered)
         self._require_idle()
         with self._plain_flags():
-            return self._forward_at(tokens, attention_mask, at)
+            return self._forward_at(tokens, attention_mask, at, gathered=gathered)
 
     def removal_matrix(
         self,
@@ -514,7 +519,7 @@ class MaskedModel:
             with self._plain_flags() if run.writers_only else contextlib.nullcontext():
                 if run.start is not None:
                     self._replay_writers(run)
-                logits = self._forward_at(tokens, attention_mask, run.logits_at, run.start)
+                logits = self._forward_at(tokens, attention_mask, run.logits_at, run.start, run.gathered)
         except _WritersDone:
             logits = None
         finally:
@@ -523,9 +528,10 @@ class MaskedModel:
         return logits
 
     def _forward_at(self, tokens: torch.Tensor, attention_mask: torch.Tensor | None, at: torch.Tensor | None,
-                    start: LayerStart | None = None):
+                    start: LayerStart | None = None, gathered: bool = False):
         """The model's forward (from ``start``'s layer if given); with ``at``, its unembedding sees only those
-        positions (as one [1, n_at] sequence) and the logits come back as [batch, pos, vocab] with zeros elsewhere."""
+        positions (as one [1, n_at] sequence) and the logits come back as [batch, pos, vocab] with zeros elsewhere,
+        or (``gathered``) as those rows alone, in ``logits[at]``'s order."""
         def forward():
             if start is None:
                 return self.adapter.forward(tokens, attention_mask)
@@ -535,6 +541,8 @@ class MaskedModel:
             return forward()
         with self.adapter.hooks([(self.adapter.unembed_input_hook, lambda x, hook: x[at].unsqueeze(0))]):
             logits = forward()
+        if gathered:
+            return logits[0]
         return logits.new_zeros((*at.shape, logits.shape[-1])).index_put_((at,), logits[0])  # in place: no copy
 
     def _replay_writers(self, run: Mix) -> None:
@@ -929,8 +937,13 @@ class MaskedModel:
             raise EdgePruneError(f"{what} has ids in [{lo}, {hi}] outside the vocabulary [0, {self.adapter.d_vocab})")
         return tokens.to(self.device, torch.long)
 
-    def _check_logits_at(self, at: Any, tokens: torch.Tensor) -> torch.Tensor | None:
+    def _check_logits_at(self, at: Any, tokens: torch.Tensor, gathered: bool = False) -> torch.Tensor | None:
+        if not isinstance(gathered, bool):
+            raise EdgePruneError(f"gathered must be True or False, got {gathered!r}")
         if at is None:
+            if gathered:
+                raise EdgePruneError("gathered=True returns the logits at logits_at's positions: pass logits_at= "
+                                     "(e.g. batch.positions) too")
             return None
         if not isinstance(at, torch.Tensor) or at.dtype != torch.bool or tuple(at.shape) != tuple(tokens.shape):
             raise EdgePruneError(

@@ -30,7 +30,8 @@ class ExampleCache:
     computed in another batch can round differently); the first epoch is bit-identical to no cache.
 
     ``scored_only``: unembed and keep each example's scored positions only (the built-in objectives read nothing
-    else; with ``positions="last"`` that is 1/pos of the logits); the targets hold zeros elsewhere.
+    else; with ``positions="last"`` that is 1/pos of the logits); the targets are those rows alone,
+    ``logits[batch.positions]`` ([scored, vocab]), as the engine's ``gathered=True`` returns the circuit's.
     """
 
     def __init__(
@@ -93,7 +94,8 @@ class ExampleCache:
     def _compute(self, batch: PairedData) -> tuple[Counterfactual, torch.Tensor]:
         cf = self.source(batch)
         with torch.no_grad():
-            full = self.mm.full_logits(batch.clean, batch.attention_mask, at=batch.positions if self.scored_only else None)
+            at = batch.positions if self.scored_only else None
+            full = self.mm.full_logits(batch.clean, batch.attention_mask, at=at, gathered=self.scored_only)
         return cf, full
 
     def _decide(self, cf: Counterfactual, full: torch.Tensor) -> None:
@@ -101,7 +103,7 @@ class ExampleCache:
         self.decided = True
         per_example = cf.kind == "interchange" and cf.values is not None
         self.fixed = None if per_example else cf
-        logits_bytes = full[0, 0].numel() * full.element_size()  # per stored position
+        logits_bytes = full.shape[-1] * full.element_size()  # per stored position
         values_bytes = cf.values[:, 0, 0].numel() * cf.values.element_size() if per_example else 0
         shards = self.data.shards
         kept = [self._kept_positions(s) for s in shards]
@@ -126,22 +128,23 @@ class ExampleCache:
             return int(shard.clean.shape[1])
         return int(shard.positions.sum(1).max())
 
-    def _scored(self, shard: int, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(batch row, position, slot in the store) of every scored position of ``rows``, on the model's device."""
+    def _scored(self, shard: int, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(batch row, slot in the store) of every scored position of ``rows``, on the model's device, in the
+        order of ``logits[positions]`` (row-major)."""
         positions = self.data.shards[shard].positions[rows.to(self.data.shards[shard].positions.device)].cpu()
         at, pos = positions.nonzero(as_tuple=True)
         slot = self.slot_of[shard][rows.cpu()[at], pos]
         device = self.logits[shard].device
-        return at.to(device), pos.to(device), slot.to(device)
+        return at.to(device), slot.to(device)
 
     def _store(self, shard: int, rows: torch.Tensor, cf: Counterfactual, full: torch.Tensor) -> None:
         """Copy a batch's values in before the masked forward overwrites a single-use ỹ with y − ỹ."""
         index = rows.to(full.device)
         if shard in self.values:
             self.values[shard].index_copy_(1, index, cf.values)
-        if self.scored_only:
-            at, pos, slot = self._scored(shard, rows)
-            self.logits[shard][index[at], slot] = full[at, pos]
+        if self.scored_only:  # full: the scored rows, in the order of _scored's (row-major, as logits[positions])
+            at, slot = self._scored(shard, rows)
+            self.logits[shard][index[at], slot] = full
         else:
             self.logits[shard].index_copy_(0, index, full)
         self.filled[shard][index] = True
@@ -150,9 +153,8 @@ class ExampleCache:
         store = self.logits[shard]
         index = rows.to(store.device)
         if self.scored_only:
-            full = store.new_zeros((len(rows), self.data.shards[shard].clean.shape[1], store.shape[-1]))
-            at, pos, slot = self._scored(shard, rows)
-            full[at, pos] = store[index[at], slot]
+            at, slot = self._scored(shard, rows)
+            full = store[index[at], slot]
         else:
             full = store.index_select(0, index)
         if self.fixed is not None:  # mean/zero/user-given ablations: one ỹ for every batch

@@ -23,18 +23,33 @@ def _restrict(logits: torch.Tensor, batch: PairedData) -> torch.Tensor:
 def kl_divergence(circuit_logits, full_logits, batch: PairedData) -> Float[torch.Tensor, ""]:
     """KL(full ‖ circuit) averaged over scored positions; over the token subset (renormalised) if one is set."""
     pos = batch.positions.to(circuit_logits.device)
-    log_q = _restrict(circuit_logits[pos], batch).float().log_softmax(-1)
-    log_p = _restrict(full_logits[pos], batch).float().log_softmax(-1)
-    return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+    return kl_on_rows(circuit_logits[pos], full_logits[pos], batch)
 
 
 def mean_squared_error(circuit_logits, full_logits, batch: PairedData) -> Float[torch.Tensor, ""]:
     """For numeric outputs (e.g. Tracr xproportion): MSE of the raw outputs at scored positions."""
     pos = batch.positions.to(circuit_logits.device)
-    return (_restrict(circuit_logits[pos], batch).float() - _restrict(full_logits[pos], batch).float()).pow(2).mean()
+    return mse_on_rows(circuit_logits[pos], full_logits[pos], batch)
+
+
+def kl_on_rows(circuit_rows: Float[torch.Tensor, "scored vocab"], full_rows: Float[torch.Tensor, "scored vocab"],
+               batch: PairedData) -> Float[torch.Tensor, ""]:
+    """``kl_divergence`` on the scored positions' logits alone (``logits[batch.positions]``, as the engine returns
+    them with ``gathered=True``): the same arithmetic, without [batch, pos, vocab] tensors of zeros."""
+    log_q = _restrict(circuit_rows, batch).float().log_softmax(-1)
+    log_p = _restrict(full_rows, batch).float().log_softmax(-1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+
+
+def mse_on_rows(circuit_rows: Float[torch.Tensor, "scored vocab"], full_rows: Float[torch.Tensor, "scored vocab"],
+                batch: PairedData) -> Float[torch.Tensor, ""]:
+    """``mean_squared_error`` on the scored positions' logits alone."""
+    return (_restrict(circuit_rows, batch).float() - _restrict(full_rows, batch).float()).pow(2).mean()
 
 
 OBJECTIVES: dict[str, Objective] = {"kl": kl_divergence, "mse": mean_squared_error}
+# The built-in objectives read the scored positions alone: their forms on those rows (engine's gathered=True)
+ON_SCORED_ROWS: dict[Objective, Objective] = {kl_divergence: kl_on_rows, mean_squared_error: mse_on_rows}
 
 
 def resolve_objective(objective: Union[str, Objective]) -> Objective:

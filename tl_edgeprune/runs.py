@@ -22,6 +22,7 @@ class Forward:
     writers_only = False  # the model's own flags: only the writers' hooks act, and the forward ends after the last
     start: LayerStart | None = None  # where the forward begins (a Mix from a layer); None: the whole model
     logits_at: torch.Tensor | None = None  # [batch, pos] bool: unembed only these positions
+    gathered = False  # with logits_at: return those positions' logits alone, [scored, vocab]
 
     def __init__(self, n_chunks: int):
         self.buffer: DeltaBuffer | None = None  # y (capture) or y − ỹ (mix) of every writer
@@ -50,10 +51,11 @@ class Mix(Forward):
     def __init__(self, n_chunks: int, removal: torch.Tensor, cf_values: torch.Tensor | None, *,
                  layout: PositionLayout | None = None, logits_at: torch.Tensor | None = None,
                  start: LayerStart | None = None, in_place: torch.Tensor | None = None,
-                 fixed: DeltaBuffer | None = None):
+                 fixed: DeltaBuffer | None = None, gathered: bool = False):
         super().__init__(n_chunks)
         self.removal, self.cf_values = removal, cf_values
         self.layout, self.logits_at, self.start, self.in_place = layout, logits_at, start, in_place
+        self.gathered = gathered
         # Every mask 1 (EAP): the mixing's products are exactly 0 (a meta tensor has no values to look at).
         self.removes_nothing = removal.device.type != "meta" and not bool(removal.detach().any())
         self.fixed = fixed is not None

@@ -1,6 +1,6 @@
 """A/B of one engine change, switched on and off on one warm model, interleaved, one thread by default:
 
-    python benchmarks/change_ab.py --change discarded-qkv|write-heads|grad-into|gathered-logits [--model ...] [--rounds 4]
+    python benchmarks/change_ab.py --change discarded-qkv|write-heads|grad-into|gathered-logits|recompute-inputs [--model ...] [--rounds 4]
 
 - ``discarded-qkv``: TransformerLens's own q/k/v projection, which the fused path replaces, handed zero positions
   (engine.MaskedModel._discarded_input_hook) or the whole normed residual;
@@ -10,6 +10,8 @@
   (fused_qkv ``grad_into``) or, as before, into a fresh tensor that the mixing then copies there;
 - ``gathered-logits``: the scored positions' logits handed to the objective as rows (``gathered=True``), or, as
   before, placed in a [batch, pos, vocab] tensor of zeros (and its gradient) that the objective then reads back;
+- ``recompute-inputs``: ``recompute_inputs=True`` (an option, off by default: "off" is the library's default here)
+  rebuilds each head reader's input in backward instead of keeping it (memory: benchmarks/engine.py);
 (``ln-folds``, the LayerNorm mean as one more GEMM column and its gradient as one more GEMM row, was measured at
 1.01x on the EP step and reverted: its switch lives at commit 5d49703.)
 
@@ -83,8 +85,18 @@ def switch_gathered_logits():
     E.MaskedModel._forward_at = switchable
 
 
+def switch_recompute_inputs():
+    fused_input = E.MaskedModel._fused_input
+
+    def switchable(self, *args):
+        self.recompute_inputs = ON["on"]
+        return fused_input(self, *args)
+
+    E.MaskedModel._fused_input = switchable
+
+
 CHANGES = {"discarded-qkv": switch_discarded_qkv, "write-heads": switch_write_heads, "grad-into": switch_grad_into,
-           "gathered-logits": switch_gathered_logits}
+           "gathered-logits": switch_gathered_logits, "recompute-inputs": switch_recompute_inputs}
 
 
 def ratio(s: dict) -> str:

@@ -182,7 +182,8 @@ def measure_memory(args) -> dict:
             base = reset_peak_rss()
             residual_grad_step(model, clean)()
             return {"peak_bytes": peak_rss_bytes() - base}
-    with frozen_parameters(model), tep.masked(model, input_nodes=args.input_nodes) as mm:
+    recompute = args.memory_only == "masked-recompute"
+    with frozen_parameters(model), tep.masked(model, input_nodes=args.input_nodes, recompute_inputs=recompute) as mm:
         step = edge_pruning_step(mm, clean, corrupted, per_step_counterfactual=True)  # counts ỹ and the target
         base = reset_peak_rss()
         step()
@@ -279,6 +280,10 @@ def report(r: dict) -> None:
               f"{r['peak_plain'] / 2**20:.0f} MiB, Edge Pruning step with its ỹ and target {r['peak_ep'] / 2**20:.0f} MiB")
         print(f"RATIO peak memory Edge Pruning step / frozen fwd+bwd: {r['peak_ep'] / r['peak_frozen']:.2f}x")
         print(f"RATIO peak memory Edge Pruning step / training step: {r['peak_ep'] / r['peak_plain']:.2f}x")
+        print(f"peak memory of the Edge Pruning step with recompute_inputs=True (each head reader's input rebuilt in "
+              f"backward): {r['peak_ep_recompute'] / 2**20:.0f} MiB")
+        print(f"RATIO peak memory Edge Pruning step, recompute_inputs=True / frozen fwd+bwd: "
+              f"{r['peak_ep_recompute'] / r['peak_frozen']:.2f}x")
 
 
 def main() -> None:
@@ -292,7 +297,7 @@ def main() -> None:
     ap.add_argument("--json", action="store_true", help="print one JSON line instead of the report")
     ap.add_argument("--only-step", action="store_true", help="plain and core step only (for benchmarks/peers.py)")
     ap.add_argument("--no-memory", action="store_true")
-    ap.add_argument("--memory-only", choices=["plain", "frozen", "masked"], help=argparse.SUPPRESS)
+    ap.add_argument("--memory-only", choices=["plain", "frozen", "masked", "masked-recompute"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.memory_only:
         print(json.dumps(measure_memory(args)))
@@ -304,6 +309,7 @@ def main() -> None:
         r["peak_plain"] = in_subprocess(os.path.abspath(__file__), *extra, "plain")["peak_bytes"]
         r["peak_frozen"] = in_subprocess(os.path.abspath(__file__), *extra, "frozen")["peak_bytes"]
         r["peak_ep"] = in_subprocess(os.path.abspath(__file__), *extra, "masked")["peak_bytes"]
+        r["peak_ep_recompute"] = in_subprocess(os.path.abspath(__file__), *extra, "masked-recompute")["peak_bytes"]
     print(json.dumps(r)) if args.json else report(r)
 
 

@@ -16,9 +16,9 @@ ATOL = 1e-5
 HOOKED = [m for m in MODEL_IDS if m.startswith("hooked")]
 
 
-def masked_run(model, fused, clean, corrupted, classes=None, seed=0):
+def masked_run(model, fused, clean, corrupted, classes=None, seed=0, recompute=False):
     names = ("A", "B") if classes is not None else ()
-    with tep.masked(model, fused_qkv=fused, position_classes=names) as mm:
+    with tep.masked(model, fused_qkv=fused, position_classes=names, recompute_inputs=recompute) as mm:
         gen = torch.Generator().manual_seed(seed)
         z = torch.rand(mm.graph.shape, generator=gen).requires_grad_(True)
         nodes = torch.rand(mm.graph.n_writers, generator=gen).requires_grad_(True)
@@ -131,3 +131,48 @@ def test_fused_backward_writes_the_parts_gradient_where_the_mixing_gathers_it(mo
         mm(clean, mm.interchange(corrupted), z).square().mean().backward()
     n_layers = model.cfg.n_layers
     assert seen == {"in place": 3 * n_layers, "copied": n_layers + 1}
+
+
+@pytest.mark.parametrize("model_id", [m for m in HOOKED if "shortformer" not in m])
+@pytest.mark.parametrize("positional", [False, True])
+@pytest.mark.parametrize("frozen", [True, False], ids=["frozen", "weights-with-grad"])
+def test_recomputed_inputs_equal_tl_split_path(model_id, positional, frozen, tokens):
+    """recompute_inputs=True: each head reader's input is rebuilt in backward from the delta buffer and the residual,
+    not kept. Logits and mask gradients equal TL's split path (1e-5) and the logits the default path's bit for bit;
+    with frozen weights nothing of a head reader's input size is kept for backward (counted by saved-tensor hooks:
+    at least Σ (readers − 1)·batch·pos·d_model less), with weights that take gradients autograd's path keeps them."""
+    from tl_edgeprune.edge_pruning import frozen_parameters
+
+    model = make_model(model_id)
+    clean, corrupted = tokens
+    classes = torch.randint(0, 2, clean.shape, generator=torch.Generator().manual_seed(1)) if positional else None
+    saved = {}
+
+    def counted(recompute):
+        total = [0]
+
+        def pack(t):
+            total[0] += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = masked_run(model, None, clean, corrupted, classes, recompute=recompute)
+        saved[recompute] = total[0]
+        return out
+
+    with frozen_parameters(model) if frozen else contextlib.nullcontext():
+        rebuilt, default = counted(True), counted(False)
+        split = masked_run(model, False, clean, corrupted, classes)
+    assert rebuilt[3]
+    torch.testing.assert_close(rebuilt[0], default[0], atol=0, rtol=0, msg="logits")
+    for a, b, what in zip(rebuilt[:3], split[:3], ("logits", "edge-mask gradient", "node-mask gradient")):
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=0, msg=what)
+    assert rebuilt[1].abs().max() > 1e-4
+    cfg = model.cfg
+    n_kv = cfg.n_key_value_heads or cfg.n_heads
+    per_layer = (cfg.n_heads - 1) + 2 * (n_kv - 1)  # q, k and v parts: each keeps its residual only, not n inputs
+    least = cfg.n_layers * per_layer * clean.numel() * cfg.d_model * 4
+    if frozen:
+        assert saved[False] - saved[True] >= least, (saved, least)
+    else:
+        assert saved[False] == saved[True]

@@ -58,6 +58,7 @@ class EdgePruningConfig:
     checkpoint_every: int | None = None
     progress: bool = True
     cache_gib: float = 2.0
+    recompute_inputs: bool = False
 
     def __post_init__(self) -> None:
         # The warm-ups scale with the run, so a short run still reaches its target (the reference's 2,500-step ramp
@@ -100,7 +101,7 @@ class EdgePruningConfig:
         v.choice("sparsity_from", self.sparsity_from, ("sampled", "expected"))
         v.choice("input_nodes", self.input_nodes, ("separate", "merged"))
         v.real("cache_gib", self.cache_gib, low=0.0, hint=" (0 turns the per-example cache off)")
-        for name in ("node_masks", "progress", "positional"):
+        for name in ("node_masks", "progress", "positional", "recompute_inputs"):
             if not isinstance(getattr(self, name), bool):
                 raise EdgePruneError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.checkpoint_path is not None and not isinstance(self.checkpoint_path, (str, os.PathLike)):
@@ -270,6 +271,7 @@ def edge_pruning(
     resume: bool = False,
     progress: bool = True,
     cache_gib: float = 2.0,
+    recompute_inputs: bool = False,
     trainable_edges: torch.Tensor | None = None,
     mean_reference: torch.Tensor | None = None,
     callback: Callable[[int, dict], None] | None = None,
@@ -306,6 +308,8 @@ def edge_pruning(
         50) and at the end; ``resume=True`` continues it bit for bit and refuses a checkpoint of another run.
     progress: a progress bar with the circuit's sparsity, the loss and the time per step.
     cache_gib: keep each example's ỹ and full logits after the first epoch if they fit in this many GiB.
+    recompute_inputs: keep less for backward: each head reader's input is rebuilt there instead of kept from the
+        forward (the largest part of a step's memory; docs/performance.md gives the trade on GPT-2 and SmolLM2).
     trainable_edges: [writer, reader] bool; only these edges are learned, the rest fixed at 0 (HAP).
     mean_reference: the data whose mean activations "mean" ablation uses (default: ``data``'s corrupted side).
     callback: called as callback(step, row) after each step, row holding that step's history entries.
@@ -344,7 +348,8 @@ def edge_pruning(
     t0 = time.perf_counter()
     rank, world = data_parallel()
     with torch_threads(model, threads) as n_threads, frozen_parameters(model), \
-            MaskedModel(model, input_nodes=cfg.input_nodes, position_classes=classes) as mm:
+            MaskedModel(model, input_nodes=cfg.input_nodes, position_classes=classes,
+                        recompute_inputs=cfg.recompute_inputs) as mm:
         mm.check_data(data)
         graph, device = mm.graph, mm.device
         valid = graph.valid_mask()

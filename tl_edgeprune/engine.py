@@ -12,7 +12,7 @@ import contextlib
 import threading
 import weakref
 from collections import Counter
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import einops
 import torch
@@ -60,6 +60,7 @@ class MaskedModel:
         check_identity: bool = True,
         fused_qkv: bool | None = None,
         sparse_mixing: bool = True,
+        recompute_inputs: bool = False,
     ):
         """``position_classes``: for a positional graph (when ``graph`` is not given), the names of the classes;
         every masked forward then takes ``position_classes=`` [batch, pos] class indices.
@@ -67,7 +68,11 @@ class MaskedModel:
         (fused_qkv.py) instead of TransformerLens's split-q/k/v path; default: wherever the model allows it
         (HookedTransformer and the Tracr twin in float32/64; ``adapter.attention_norm``), False forces TL's path.
         ``sparse_mixing``: forwards without gradients skip the coefficients a binary mask leaves at 0 or −1
-        (mixing.SparseMixing); False keeps the dense products (for comparisons)."""
+        (mixing.SparseMixing); False keeps the dense products (for comparisons).
+        ``recompute_inputs``: with gradients, fused q/k/v does not keep each head reader's input for backward (a
+        [reader, batch, pos, d_model] per layer, the largest part of a step's memory) but rebuilds it there from the
+        delta buffer (one GEMM per reader group, as in the forward) and the residual: less memory, a little more time
+        (docs/performance.md)."""
         self.adapter = ModelAdapter(model)
         self.model = model
         norms = [self.adapter.attention_norm(layer) for layer in range(int(model.cfg.n_layers))]
@@ -78,6 +83,9 @@ class MaskedModel:
                 f"{self.adapter.dtype}; see ModelAdapter.attention_norm). Leave fused_qkv unset to use TL's split path.")
         self.fused_qkv = supported if fused_qkv is None else bool(fused_qkv)
         self.sparse_mixing = bool(sparse_mixing)
+        if not isinstance(recompute_inputs, bool):
+            raise EdgePruneError(f"recompute_inputs must be True or False, got {recompute_inputs!r}")
+        self.recompute_inputs = recompute_inputs
         model_spec = GraphSpec.from_config(model.cfg)
         if graph is None:
             graph = Graph.from_spec(model_spec, input_nodes, position_classes)
@@ -719,11 +727,11 @@ class MaskedModel:
 
         return hook
 
-    def _fused_input(self, run: Mix, group: ReaderGroup, part_index: int, activation: torch.Tensor,
+    def _fused_input(self, run: Mix, group_index: int, part_index: int, activation: torch.Tensor,
                      part: torch.Tensor, window: Window, window_row: int) -> torch.Tensor:
         """q, k or v of every head reader of the group, from the layer's residual and each reader's part (rows
         ``window_row``.. of its window: backward writes the part's gradient where the mixing gathers it)."""
-        layer = group.layer
+        layer = self.graph.reader_groups[group_index].layer
         resid = run.layer_resid.get(layer)
         if resid is None:
             raise HookFiringError(f"blocks.{layer}.hook_resid_pre did not fire before the layer's q/k/v: the "
@@ -743,8 +751,32 @@ class MaskedModel:
                 mixed = mixed_projection(part, resid.detach(), norm, W, b)
                 return activation + (mixed - mixed.detach())
             return activation + unmixed_projection_gradient(part, resid, norm, W, grad_into)
-        scratch = None if torch.is_grad_enabled() else self._pool.scratch(part.shape, part.dtype, part.device)
-        return mixed_projection(part, resid, norm, W, b, scratch, grad_into)
+        rebuild = None
+        if torch.is_grad_enabled() and self.recompute_inputs:
+            rebuild = self._rebuild(run, group_index, part_index)
+        scratch = None
+        if not torch.is_grad_enabled() or rebuild is not None:  # nothing keeps the inputs past this call
+            scratch = self._pool.scratch(part.shape, part.dtype, part.device)
+        return mixed_projection(part, resid, norm, W, b, scratch, grad_into, rebuild)
+
+    def _rebuild(self, run: Mix, group_index: int, part_index: int) -> Callable[[], torch.Tensor]:
+        """For backward (``recompute_inputs``): this hook's parts −Σ_j (1 − z_jr)(y_j − ỹ_j) again, from the delta
+        buffer's rows (backward keeps them for the mask gradient). The group's parts are computed together, by one
+        GEMM, when its first part is asked for, and lent until its last is."""
+        def rebuild() -> torch.Tensor:
+            parts = run.rebuilt.get(group_index)
+            if parts is None:
+                group = self.graph.reader_groups[group_index]
+                coef = self._coef(run, 0, group.n_writers, group.start, group.stop).detach()
+                store = run.buffer.recomputed_products(coef, group.n_writers, ("rebuilt", group_index))
+                parts = run.rebuilt[group_index] = list(store.split(self._part_sizes(group)))
+            part, parts[part_index] = parts[part_index], None
+            if all(p is None for p in parts):  # the last one: its storage is free once this backward is done
+                del run.rebuilt[group_index]
+                run.buffer.products_read(("rebuilt", group_index))
+            return part if run.layout is None else run.layout.to_model(part)
+
+        return rebuild
 
     def _reader_hook(self, group_index: int, offset: int, size: int, per_head: bool):
         group = self.graph.reader_groups[group_index]
@@ -777,7 +809,7 @@ class MaskedModel:
             window = self._window_of[group_index]
             if self.fused_qkv and group.kind == "attn":
                 window_row = window.offsets[window.groups.index(group_index)] + offset  # the part's row in its window
-                mixed = self._fused_input(run, group, part_index, activation, part, window, window_row)
+                mixed = self._fused_input(run, group_index, part_index, activation, part, window, window_row)
             elif per_head:
                 mixed = activation + einops.rearrange(part, "reader b p d -> b p reader d")
             else:

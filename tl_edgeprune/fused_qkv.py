@@ -36,6 +36,7 @@ def mixed_projection(
     b: Float[torch.Tensor, "reader d_head"],
     scratch: torch.Tensor | None = None,
     grad_into: Callable[[], torch.Tensor] | None = None,
+    rebuild: Callable[[], torch.Tensor] | None = None,
 ) -> Float[torch.Tensor, "batch pos reader d_head"]:
     """``norm(resid + part_r)·W_r + b_r`` for every reader r, laid out as TransformerLens's q/k/v.
 
@@ -45,7 +46,10 @@ def mixed_projection(
     (``_NormProject``): one GEMM and two in-place passes over the inputs, where autograd's took five fresh tensors
     and a strided GEMM (docs/performance.md). With weights that need gradients, autograd's own path runs.
     ``grad_into``: gives the [reader, batch, pos, d_model] storage the parts' gradient is to be written to (the
-    mixing's gathering block), so backward writes it there instead of into a fresh tensor the mixing copies."""
+    mixing's gathering block), so backward writes it there instead of into a fresh tensor the mixing copies.
+    ``rebuild``: gives ``part`` again, in storage backward may overwrite; the inputs are then not kept for backward
+    (formed in ``scratch``) but formed again from it: the largest tensor a step keeps, traded for one add pass and
+    the caller's recomputation."""
     n, batch, pos, d = part.shape
     e = W.shape[-1]
     if norm.kind == "ln":  # LayerNorm ignores a per-position shift: centre the shared residual once, so each
@@ -55,7 +59,7 @@ def mixed_projection(
     if weights_need_grad(W, b, norm):
         out = _autograd_projection(part, resid, norm, Wg, const)
     else:
-        out = _NormProject.apply(part, resid, Wg, const, norm.kind, norm.eps, scratch, grad_into)
+        out = _NormProject.apply(part, resid, Wg, const, norm.kind, norm.eps, scratch, grad_into, rebuild)
     return out.view(n, batch, pos, e).permute(1, 2, 0, 3)
 
 
@@ -85,13 +89,15 @@ class _NormProject(Function):
     """[reader, batch·pos, d_head] = rstd·(x·γW − mean·Σ_d γW) + const, x = resid + part_r (rstd, mean per row)."""
 
     @staticmethod
-    def forward(ctx, part, resid, Wg, const, kind: str, eps: float, scratch, grad_into):
+    def forward(ctx, part, resid, Wg, const, kind: str, eps: float, scratch, grad_into, rebuild):
         n, batch, pos, d = part.shape
         ctx.grad_into = grad_into
-        # never the parts' storage (lent to later readers); ``scratch`` when nothing keeps x (no gradients): a fresh
-        # tensor of this size page-faults on CPU, costing 3x the add
-        x = torch.add(part, resid, out=scratch) if scratch is not None and not any(ctx.needs_input_grad[:2]) \
-            else part + resid
+        rebuild = rebuild if any(ctx.needs_input_grad[:2]) and kind != "none" else None  # else x is never re-read
+        ctx.rebuild = rebuild
+        # never the parts' storage (lent to later readers); ``scratch`` when nothing keeps x (no gradients, or
+        # backward rebuilds it): a fresh tensor of this size page-faults on CPU, costing 3x the add
+        keeps_x = any(ctx.needs_input_grad[:2]) and rebuild is None
+        x = torch.add(part, resid, out=scratch) if scratch is not None and not keeps_x else part + resid
         x = x.view(n, batch * pos, d)
         proj = torch.bmm(x, Wg)
         ctx.kind, ctx.shapes = kind, (part.shape, resid.shape)
@@ -106,7 +112,7 @@ class _NormProject(Function):
             colsum = Wg.sum(1)
             proj.sub_(mean[..., None] * colsum[:, None, :])  # (x − mean)·γW
         rstd = torch.rsqrt(var.add_(eps))
-        ctx.save_for_backward(Wg, x, proj, rstd, mean)
+        ctx.save_for_backward(Wg, x if rebuild is None else None, proj, rstd, mean, resid if rebuild else None)
         return torch.addcmul(const[:, None, :], rstd[..., None], proj)
 
     @staticmethod
@@ -118,7 +124,11 @@ class _NormProject(Function):
             (Wg,) = ctx.saved_tensors
             grad_x = torch.bmm(go, Wg.transpose(1, 2), out=out)
         else:
-            Wg, x, centred, rstd, mean = ctx.saved_tensors
+            Wg, x, centred, rstd, mean, resid = ctx.saved_tensors
+            if x is None:  # the inputs again: the part rebuilt (storage lent to this backward) plus the residual
+                rebuild, ctx.rebuild = ctx.rebuild, None
+                n, batch, pos, d = part_shape
+                x = rebuild().reshape(n, batch * pos, d).add_(resid.reshape(1, batch * pos, d))
             d = x.shape[-1]
             g_proj = go * rstd[..., None]
             g_var = (go * centred).sum(-1).mul_(rstd.pow(3)).mul_(-0.5)  # ∂/∂var through rstd
@@ -129,7 +139,7 @@ class _NormProject(Function):
                 grad_x.add_((g_mean / d)[..., None])
         grad_part = grad_x.view(part_shape) if ctx.needs_input_grad[0] else None
         grad_resid = grad_x.sum(0).view(resid_shape) if ctx.needs_input_grad[1] else None
-        return grad_part, grad_resid, None, None, None, None, None, None
+        return grad_part, grad_resid, None, None, None, None, None, None, None
 
 
 def _destination(ctx, part_shape) -> torch.Tensor | None:

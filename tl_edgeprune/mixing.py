@@ -101,7 +101,7 @@ class DeltaBuffer:
     def rows(self, start: int, stop: int) -> torch.Tensor:
         return self.values[start:stop].view(stop - start, -1)
 
-    def _borrow(self, slot: int, window: int, n_rows: int) -> torch.Tensor:
+    def _borrow(self, slot: int, window, n_rows: int) -> torch.Tensor:
         """[n_rows, batch, pos, d_model] for one window until it gives it back: the pooled storage if no other
         window holds it (fresh pages cost a page fault each on CPU), else fresh storage."""
         key = (slot, window)
@@ -115,15 +115,25 @@ class DeltaBuffer:
         self._lent[key] = store = store[:n_rows]
         return store
 
-    def _give_back(self, slot: int, window: int) -> None:
+    def _give_back(self, slot: int, window) -> None:
         self._lent.pop((slot, window), None)
 
     def window_products(self, window: int, n_rows: int) -> torch.Tensor:
         """Where a window's mixed reader inputs are computed; given back once its readers have all read them."""
         return self._borrow(3, window, n_rows)
 
-    def products_read(self, window: int) -> None:
+    def products_read(self, window) -> None:
         self._give_back(3, window)
+
+    def recomputed_products(self, coef: torch.Tensor, stop: int, key) -> torch.Tensor:
+        """``coefᵀ·delta[:stop]`` again, in backward (``coef``: [class, stop, reader]), in the products storage (the
+        forward's windows have all given it back) under ``key`` until ``products_read(key)``."""
+        n = coef.shape[-1]
+        store = self._borrow(3, key, n)
+        out, rows = store.view(n, -1), self.rows(0, stop)
+        for c, a, b in self.column_segments():
+            torch.mm(coef[c].t(), rows[:, a:b], out=out[:, a:b])
+        return store
 
     def window_scratch(self, window: int, n_rows: int) -> torch.Tensor:
         """Where a window gathers its readers' gradients: its groups' backwards fill it one by one, the window's

@@ -155,6 +155,18 @@ def edge_pruning_step(mm, clean, corrupted, target_sparsity: float = 0.5, per_st
     return step
 
 
+def recomputing(mm, step):
+    """The step with ``recompute_inputs`` on (each head reader's input rebuilt in backward, not kept)."""
+    def run():
+        mm.recompute_inputs = True
+        try:
+            step()
+        finally:
+            mm.recompute_inputs = False
+
+    return run
+
+
 def loop_step_seconds(model, clean, corrupted, steps: int, cache_gib: float, **options) -> dict:
     """Per-step wall time of tep.edge_pruning on a one-batch dataset: with cache_gib=0 every step runs the
     corrupted, full and masked forwards; with the cache, every step after the first gathers ỹ and the target.
@@ -198,7 +210,8 @@ def measure(args) -> dict:
     with frozen_parameters(model), tep.masked(model, input_nodes=args.input_nodes) as mm:
         out["graph"] = str(mm.graph)
         steps = {"frozen": frozen_step_beside(mm, model, clean), "plain": plain_step_beside(mm, model, clean),
-                 "ep_step": edge_pruning_step(mm, clean, corrupted)}
+                 "ep_step": edge_pruning_step(mm, clean, corrupted),
+                 "ep_step_recompute": recomputing(mm, edge_pruning_step(mm, clean, corrupted))}
         pair = timed_interleaved(steps, args.repeats)
         settled = timed_interleaved(steps, args.repeats, settle=1)
     out["frozen"], out["plain"], out["ep_step"], out["ep_step_ratio"] = pair["frozen"], pair["plain"], pair["ep_step"], pair["ep_step/plain"]
@@ -206,6 +219,9 @@ def measure(args) -> dict:
     out["plain_settled"], out["ep_step_settled"] = settled["plain"], settled["ep_step"]
     out["ep_step_settled_ratio"] = settled["ep_step/plain"]
     out["frozen_settled"], out["ep_step_settled_frozen_ratio"] = settled["frozen"], settled["ep_step/frozen"]
+    out["ep_step_recompute"], out["ep_step_recompute_frozen_ratio"] = pair["ep_step_recompute"], pair["ep_step_recompute/frozen"]
+    out["ep_step_recompute_settled_frozen_ratio"] = settled["ep_step_recompute/frozen"]
+    out["recompute_cost"], out["recompute_cost_settled"] = pair["ep_step_recompute/ep_step"], settled["ep_step_recompute/ep_step"]
     if args.only_step:
         return out
     out["ep_loop_step"] = loop_step_seconds(model, clean, corrupted, steps=args.repeats + 2, cache_gib=0)
@@ -244,6 +260,7 @@ def report(r: dict) -> None:
     rows = [("frozen fwd+bwd (activation grads only)", "frozen"),
             ("plain fwd+bwd (param grads)", "plain"),
             ("Edge Pruning step, core (fwd+bwd+AdamW)", "ep_step"),
+            ("the same, recompute_inputs=True", "ep_step_recompute"),
             ("plain, second of two in a row", "plain_settled"),
             ("Edge Pruning step, core, second of two", "ep_step_settled"),
             ("Edge Pruning step, real loop, recomputing", "ep_loop_step"),
@@ -257,13 +274,17 @@ def report(r: dict) -> None:
             print(f"{label:<42}: {fmt_stats(r[key])}")
     for key, label in (("ep_step_frozen_ratio", "Edge Pruning step, core / frozen fwd+bwd"),
                        ("ep_step_settled_frozen_ratio", "the same, each timed after one untimed run of itself"),
+                       ("ep_step_recompute_frozen_ratio", "Edge Pruning step, recompute_inputs=True / frozen fwd+bwd"),
+                       ("ep_step_recompute_settled_frozen_ratio", "the same, each timed after one untimed run of itself"),
+                       ("recompute_cost", "Edge Pruning step, recompute_inputs=True / default"),
+                       ("recompute_cost_settled", "the same, each timed after one untimed run of itself"),
                        ("plain_frozen_ratio", "training step / frozen fwd+bwd")):
         if key in r:
             q = r[key]
             print(f"RATIO {label}: {q['median']:.2f}x (median of {q['n']} interleaved rounds; min {q['min']:.2f}x, "
                   f"max {q['max']:.2f}x)")
     if "frozen" in r:
-        for label, key in rows[5:]:
+        for label, key in rows[6:]:
             if key in r:
                 print(f"RATIO {label} / frozen fwd+bwd: {r[key]['median'] / r['frozen']['median']:.2f}x (medians)")
     ratio = r["ep_step_ratio"]
@@ -272,7 +293,7 @@ def report(r: dict) -> None:
     ratio = r["ep_step_settled_ratio"]
     print(f"RATIO Edge Pruning step, core / plain fwd+bwd, each timed after one untimed run of itself (a a* b b* ...): "
           f"{ratio['median']:.2f}x (median of {ratio['n']} rounds; min {ratio['min']:.2f}x, max {ratio['max']:.2f}x)")
-    for label, key in rows[5:]:
+    for label, key in rows[6:]:
         if key in r:
             print(f"RATIO {label} / plain fwd+bwd: {r[key]['median'] / plain:.2f}x (medians)")
     if "peak_plain" in r:

@@ -186,3 +186,20 @@ def test_init_log_alpha_sets_where_the_gates_start():
     assert bool(circuit[top].all()) and circuit.sum() < 2 * top.sum()  # it starts at EAP's circuit, plus a few
     with pytest.raises(tep.EdgePruneError, match="graph's shape"):
         tep.edge_pruning(model, data, 0.5, init_log_alpha=start[:, :3], **opts)
+
+
+def test_recompute_inputs_gives_the_same_run():
+    """recompute_inputs=True rebuilds each head reader's input in backward instead of keeping it: the same run up
+    to float rounding (the engine-level test compares it with TL's split path); a non-bool is refused first."""
+    model, data = small_problem()
+    opts = dict(steps=8, batch_size=8, init_log_alpha=0.0, lr=0.3, progress=False)  # masks far from 1
+    kept = tep.edge_pruning(model, data, 0.6, **opts)
+    rebuilt = tep.edge_pruning(model, data, 0.6, recompute_inputs=True, **opts)
+    assert min(kept.history["objective"]) > 1e-3
+    torch.testing.assert_close(torch.tensor(rebuilt.history["objective"]), torch.tensor(kept.history["objective"]),
+                               atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(rebuilt.edge_log_alpha, kept.edge_log_alpha, atol=1e-5, rtol=1e-4)
+    with pytest.raises(tep.EdgePruneError, match="recompute_inputs must be True or False"):
+        tep.edge_pruning(model, data, 0.6, recompute_inputs="yes", **opts)
+    with pytest.raises(tep.EdgePruneError, match="recompute_inputs must be True or False"):
+        tep.masked(model, recompute_inputs=1)

@@ -5,7 +5,8 @@
 
 Each part is timed and recorded on its own, so one failure (say, a bf16 dtype mismatch) is reported and the rest
 still runs: the frozen forward+backward (the floor: gradients into the residual stream only, weights frozen), a
-training step, the Edge Pruning loop's step (tep.edge_pruning itself, after its first epoch) and EAP per batch,
+training step, the Edge Pruning loop's step (tep.edge_pruning itself, after its first epoch; also with
+recompute_inputs=True) and EAP per batch,
 in float32 and bfloat16, with peak device memory; Edge Pruning on Tracr reverse (recovery of the canonical
 circuit); 200 steps of the reference schedule at batch 32, projected to 3,000 steps beside the paper's 2,756 s
 (one H100, GPT-2 IOI). Writes OUT/gpu_check.json.
@@ -77,6 +78,12 @@ def measure_dtype(model, device: torch.device, dtype: torch.dtype, batch: int, s
     out["edge_pruning_step/training_step"] = ep["median"] / out["training_step"]["median"]
     out["peak_bytes"]["edge_pruning"] = peak_bytes(
         lambda: loop_step_seconds(model, clean, corrupted, steps=4, cache_gib=64), device)
+    # recompute_inputs: each head reader's input rebuilt in backward, not kept (memory against a little time)
+    rebuilt = loop_step_seconds(model, clean, corrupted, steps=2 + repeats, cache_gib=64, recompute_inputs=True)
+    out["edge_pruning_step_recompute_inputs"] = rebuilt
+    out["edge_pruning_step_recompute_inputs/frozen"] = rebuilt["median"] / out["frozen_fwd_bwd"]["median"]
+    out["peak_bytes"]["edge_pruning_recompute_inputs"] = peak_bytes(
+        lambda: loop_step_seconds(model, clean, corrupted, steps=4, cache_gib=64, recompute_inputs=True), device)
     one = tep.paired_data(clean, corrupted, positions="last")
     eap_times = [_seconds(lambda: tep.eap(model, one, batch_size=batch, progress=False), device) for _ in range(repeats)]
     out["eap_per_batch"] = {"median": statistics.median(eap_times), "min": min(eap_times), "max": max(eap_times)}

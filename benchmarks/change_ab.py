@@ -1,6 +1,6 @@
 """A/B of one engine change, switched on and off on one warm model, interleaved, one thread by default:
 
-    python benchmarks/change_ab.py --change discarded-qkv|write-heads|grad-into|gathered-logits|recompute-inputs [--model ...] [--rounds 4]
+    python benchmarks/change_ab.py --change C [--model gpt2-shape|smollm2] [--rounds 4]
 
 - ``discarded-qkv``: TransformerLens's own q/k/v projection, which the fused path replaces, handed zero positions
   (engine.MaskedModel._discarded_input_hook) or the whole normed residual;
@@ -12,6 +12,9 @@
   before, placed in a [batch, pos, vocab] tensor of zeros (and its gradient) that the objective then reads back;
 - ``recompute-inputs``: ``recompute_inputs=True`` (an option, off by default: "off" is the library's default here)
   rebuilds each head reader's input in backward instead of keeping it (memory: benchmarks/engine.py);
+- ``direct-inputs``: a forward without gradients writes each reader's input once from the residual and adds the
+  sparse coefficients' rows to it (engine._direct_input), or, as before, mixes a part through its window that the
+  reader then adds to the residual;
 (``ln-folds``, the LayerNorm mean as one more GEMM column and its gradient as one more GEMM row, was measured at
 1.01x on the EP step and reverted: its switch lives at commit 5d49703.)
 
@@ -95,8 +98,18 @@ def switch_recompute_inputs():
     E.MaskedModel._fused_input = switchable
 
 
+def switch_direct_inputs():
+    goes_direct = E.MaskedModel._goes_direct
+
+    def switchable(self, run, group_index):
+        return goes_direct(self, run, group_index) if ON["on"] else False  # off: every group through its window
+
+    E.MaskedModel._goes_direct = switchable
+
+
 CHANGES = {"discarded-qkv": switch_discarded_qkv, "write-heads": switch_write_heads, "grad-into": switch_grad_into,
-           "gathered-logits": switch_gathered_logits, "recompute-inputs": switch_recompute_inputs}
+           "gathered-logits": switch_gathered_logits, "recompute-inputs": switch_recompute_inputs,
+           "direct-inputs": switch_direct_inputs}
 
 
 def ratio(s: dict) -> str:

@@ -21,7 +21,27 @@ def binary_mask(graph, keep: float, seed: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("model_id", MODEL_IDS)
-def test_no_grad_forwards_equal_plain_patching_and_the_dense_path(model_id, tokens):
+@pytest.mark.parametrize("forced", [False, True], ids=["default-threshold", "sparse-forms-forced"])
+def test_no_grad_forwards_equal_plain_patching_and_the_dense_path(model_id, forced, tokens, monkeypatch):
+    """Sparse masks take the direct inputs wherever q/k/v are fused and a window's coefficients are sparse enough
+    (each reader's input written once from the residual, engine._direct_input: counted): every edge off always;
+    the small test models' windows are too small for 3 % or 97 % kept to pass the 8 % threshold, so the sparse
+    forms are also forced (threshold 50 %), where those masks take them everywhere. 50 % kept takes the GEMMs at
+    the default threshold, and a forward with gradients always does."""
+    from tl_edgeprune.engine import MaskedModel
+    from tl_edgeprune.mixing import SparseMixing
+
+    if forced:
+        monkeypatch.setattr(SparseMixing.__init__, "__defaults__", (0.5,))
+
+    direct = {"calls": 0}
+    original = MaskedModel._direct_input
+
+    def counting(self, *args):
+        direct["calls"] += 1
+        return original(self, *args)
+
+    monkeypatch.setattr(MaskedModel, "_direct_input", counting)
     model = make_model(model_id)
     clean, corrupted = tokens
     ref_cf = counterfactual_outputs(model, "interchange", corrupted)
@@ -36,8 +56,21 @@ def test_no_grad_forwards_equal_plain_patching_and_the_dense_path(model_id, toke
                 z = graph.ones()
                 z[graph.edge_index(name)] = 0
                 singles[name] = mm(clean, cf, z)
-            sparse = {keep: mm(clean, cf, binary_mask(graph, keep, 1)) for keep in (0.03, 0.5, 0.97)}
+            sparse = {}
+            hooks_per_forward = sum(len(mm._reader_parts(group)) for group in graph.reader_groups)
+            for keep in (0.03, 0.5, 0.97):
+                before = direct["calls"]
+                sparse[keep] = mm(clean, cf, binary_mask(graph, keep, 1))
+                if keep == 0.5 and not forced:
+                    assert direct["calls"] == before
+                elif keep != 0.5 and forced:
+                    assert direct["calls"] - before == (hooks_per_forward if mm.fused_qkv else 0)
+            before = direct["calls"]
+            mm(clean, cf, graph.zeros())  # every coefficient −1: every window direct
+            assert direct["calls"] - before == (hooks_per_forward if mm.fused_qkv else 0)
+        calls = direct["calls"]
         dense = {keep: mm(clean, cf, binary_mask(graph, keep, 1)).detach() for keep in sparse}  # grad on: dense GEMMs
+        assert direct["calls"] == calls
     torch.testing.assert_close(zeros, model(corrupted), atol=ATOL, rtol=0)
     for name, logits in singles.items():
         torch.testing.assert_close(logits, patch_one_edge(model, clean, ref_cf, name), atol=ATOL, rtol=0,
@@ -78,3 +111,27 @@ def test_sparse_products_pick_each_form():
             if not handled:
                 out.addmm_(coef[6:].t(), rows[6:])
             torch.testing.assert_close(out, coef.t() @ rows, atol=1e-12, rtol=0)
+
+
+def test_sparse_inputs_are_base_plus_the_product():
+    """SparseMixing.inputs writes base + coefᵀ·rows once and adds sparsely (few nonzero coefficients), or starts from
+    base − Σ rows (mostly −1); dense coefficients are refused (False, nothing written)."""
+    from types import SimpleNamespace
+
+    from tl_edgeprune.mixing import SparseMixing
+
+    gen = torch.Generator().manual_seed(1)
+    rows = torch.randn(10, 7, generator=gen, dtype=torch.float64)
+    base = torch.randn(7, generator=gen, dtype=torch.float64)
+    buffer = SimpleNamespace(rows=lambda a, b: rows[a:b])
+    few_nonzero = torch.zeros(10, 3, dtype=torch.float64).index_fill_(0, torch.tensor([4]), -1.0)
+    mostly_minus_one = -torch.ones(10, 3, dtype=torch.float64).index_fill_(0, torch.tensor([2, 8]), 0.0)
+    every_minus_one = -torch.ones(10, 3, dtype=torch.float64)
+    dense = -torch.rand(10, 3, generator=gen, dtype=torch.float64)
+    for coef, handled in ((few_nonzero, True), (mostly_minus_one, True), (every_minus_one, True), (dense, False)):
+        sparse = SparseMixing(rows[0], sparse_below=0.5)
+        sparse.add(0, 10, rows)
+        out = torch.full((3, 7), 7.0, dtype=torch.float64)
+        assert sparse.inputs(coef, buffer, 10, base, out) == handled
+        expected = base + coef.t() @ rows if handled else torch.full((3, 7), 7.0, dtype=torch.float64)
+        torch.testing.assert_close(out, expected, atol=1e-12, rtol=0)

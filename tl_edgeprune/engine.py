@@ -21,7 +21,8 @@ from jaxtyping import Bool, Float, Int
 from .adapter import ModelAdapter, post_norm_message
 from .counterfactual import Counterfactual
 from .errors import EdgePruneError, HookFiringError, UnsupportedModelError
-from .fused_qkv import mixed_projection, unmixed_projection_gradient, weights_need_grad
+from .fused_qkv import (centred_residual, mixed_projection, projected_inputs, unmixed_projection_gradient,
+                        weights_need_grad)
 from .graph import Graph, GraphSpec, InputNodes, ReaderGroup, WriterChunk
 from .layer_start import CleanStarts, LayerStart, ReplayedRows
 from .runs import Capture, Forward, Mix
@@ -727,15 +728,20 @@ class MaskedModel:
 
         return hook
 
+    def _layer_resid(self, run: Forward, layer: int) -> torch.Tensor:
+        """The residual stream the layer's attention read (kept by its hook_resid_pre hook)."""
+        resid = run.layer_resid.get(layer)
+        if resid is None:
+            raise HookFiringError(f"blocks.{layer}.hook_resid_pre did not fire before the layer's q/k/v: the "
+                                  "fused q/k/v inputs cannot be built (MaskedModel(..., fused_qkv=False))")
+        return resid
+
     def _fused_input(self, run: Mix, group_index: int, part_index: int, activation: torch.Tensor,
                      part: torch.Tensor, window: Window, window_row: int) -> torch.Tensor:
         """q, k or v of every head reader of the group, from the layer's residual and each reader's part (rows
         ``window_row``.. of its window: backward writes the part's gradient where the mixing gathers it)."""
         layer = self.graph.reader_groups[group_index].layer
-        resid = run.layer_resid.get(layer)
-        if resid is None:
-            raise HookFiringError(f"blocks.{layer}.hook_resid_pre did not fire before the layer's q/k/v: the "
-                                  "fused q/k/v inputs cannot be built (MaskedModel(..., fused_qkv=False))")
+        resid = self._layer_resid(run, layer)
         # Weights are read now, inside the layer's forward: under FSDP only then are they whole (unsharded).
         W, b = self.adapter.qkv_weights(layer)[part_index]
         norm = self.adapter.attention_norm(layer)
@@ -799,6 +805,8 @@ class MaskedModel:
                 return None
             parts = run.mixes.get(group_index)
             if parts is None:
+                if self._goes_direct(run, group_index):
+                    return self._direct_input(run, group_index, part_index, activation)
                 parts = self._mix(run, group_index)
             part, parts[part_index] = parts[part_index], None  # read once, from the window's products storage
             if part is None:  # this hook fired twice: _check_firings reports it after the forward
@@ -820,6 +828,46 @@ class MaskedModel:
             return mixed
 
         return hook
+
+    def _goes_direct(self, run: Mix, group_index: int) -> bool:
+        """Whether this group's reader inputs are formed directly (``_direct_input``): in a forward without gradients,
+        with fused q/k/v, where the coefficients of each of its hooks are sparse enough, decided when the group is
+        first read (its writers are all written then) unless its window was mixed already (its parts are there)."""
+        if group_index in run.direct:
+            return True
+        sparse = run.buffer.sparse if run.buffer is not None else None
+        if sparse is None or not self.fused_qkv or self._window_of[group_index].index in run.window_tokens:
+            return False
+        group = self.graph.reader_groups[group_index]
+        if all(sparse.plan(self._part_coef(run, group_index, p), 0, group.n_writers) is not None
+               for p in range(len(self._reader_parts(group)))):
+            run.direct.add(group_index)
+            return True
+        return False
+
+    def _part_coef(self, run: Mix, group_index: int, part_index: int) -> torch.Tensor:
+        """−(1 − z) of every writer a group reads into one hook's readers: [writer, reader]."""
+        group = self.graph.reader_groups[group_index]
+        _, offset, size, _ = self._reader_parts(group)[part_index]
+        return self._coef(run, 0, group.n_writers, group.start + offset, group.start + offset + size)[0]
+
+    def _direct_input(self, run: Mix, group_index: int, part_index: int, activation: torch.Tensor) -> torch.Tensor:
+        """A hook's reader inputs, each written once from the residual (or the residual less every delta) and added
+        to sparsely (mixing.SparseMixing.inputs), where the window path writes a part that is added to the residual
+        afterwards; head readers are then normed and projected (fused_qkv.projected_inputs)."""
+        group = self.graph.reader_groups[group_index]
+        buffer, coef = run.buffer, self._part_coef(run, group_index, part_index)
+        if group.kind == "attn":  # fused q/k/v: the window is direct only then
+            resid = self._layer_resid(run, group.layer)
+            W, b = self.adapter.qkv_weights(group.layer)[part_index]
+            norm = self.adapter.attention_norm(group.layer)
+            base = centred_residual(resid, norm)
+            x = self._pool.scratch((coef.shape[1], *base.shape), base.dtype, base.device)
+            buffer.sparse.inputs(coef, buffer, group.n_writers, base.reshape(-1), x.view(coef.shape[1], -1))
+            return projected_inputs(x, norm, W, b)
+        x = activation.new_empty(activation.shape)  # handed to the model: its own storage, not a pooled scratch
+        buffer.sparse.inputs(coef, buffer, group.n_writers, activation.reshape(-1), x.view(1, -1))
+        return x
 
     def _mix(self, run: Mix, group_index: int) -> list[torch.Tensor | None]:
         """−Σ_j (1 − z_jr)(y_j − ỹ_j) for a reader group, one [reader, batch, pos, d_model] per hook.
@@ -849,7 +897,9 @@ class MaskedModel:
         sizes = [size for _, group in leading for size in self._part_sizes(group)]
         parts, run.window_tokens[window.index] = mix_window(coef, run.buffer, window, sizes,
                                                             self._tokens(run, groups[0], 0))
-        runs = [group for group in groups if run.start is None or group.layer >= run.start.layer]  # the others never read
+        # the groups that will read these products: not those before a start layer, nor those formed directly
+        runs = [group for g, group in zip(window.groups, groups)
+                if (run.start is None or group.layer >= run.start.layer) and g not in run.direct]
         run.unread[window.index] = sum(len(self._part_sizes(group)) for group in runs)
         parts = iter(parts)
         for g, group in leading:

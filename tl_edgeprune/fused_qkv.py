@@ -52,15 +52,57 @@ def mixed_projection(
     the caller's recomputation."""
     n, batch, pos, d = part.shape
     e = W.shape[-1]
-    if norm.kind == "ln":  # LayerNorm ignores a per-position shift: centre the shared residual once, so each
-        resid = resid - resid.mean(-1, keepdim=True)  # reader's input has a small mean and E[x²] − E[x]² is safe
-    Wg = W if norm.weight is None else W * norm.weight[None, :, None]
-    const = b if norm.bias is None else b + torch.einsum("d,nde->ne", norm.bias, W)
+    resid = centred_residual(resid, norm)
+    Wg, const = _folded(norm, W, b)
     if weights_need_grad(W, b, norm):
         out = _autograd_projection(part, resid, norm, Wg, const)
     else:
         out = _NormProject.apply(part, resid, Wg, const, norm.kind, norm.eps, scratch, grad_into, rebuild)
     return out.view(n, batch, pos, e).permute(1, 2, 0, 3)
+
+
+def centred_residual(resid: torch.Tensor, norm: Norm) -> torch.Tensor:
+    """LayerNorm ignores a per-position shift: the shared residual centred once, so that each reader's input
+    (it plus a part) has a small mean and E[x²] − E[x]² is safe. Unchanged under the other norms."""
+    return resid - resid.mean(-1, keepdim=True) if norm.kind == "ln" else resid
+
+
+def _folded(norm: Norm, W: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """γ∘W and b + β·W: the norm's affine part folded into the projection."""
+    Wg = W if norm.weight is None else W * norm.weight[None, :, None]
+    const = b if norm.bias is None else b + torch.einsum("d,nde->ne", norm.bias, W)
+    return Wg, const
+
+
+def projected_inputs(
+    x: Float[torch.Tensor, "reader batch pos d_model"],
+    norm: Norm,
+    W: Float[torch.Tensor, "reader d_model d_head"],
+    b: Float[torch.Tensor, "reader d_head"],
+) -> Float[torch.Tensor, "batch pos reader d_head"]:
+    """``norm(x_r)·W_r + b_r`` for inputs the caller formed (no gradients): a forward without gradients writes
+    each reader's input once (``centred_residual`` plus its part, mixing.SparseMixing.inputs) instead of a part
+    that ``mixed_projection`` then adds to the residual."""
+    n, batch, pos, d = x.shape
+    Wg, const = _folded(norm, W, b)
+    out, *_ = _normed_projection(x.view(n, batch * pos, d), Wg, const, norm.kind, norm.eps)
+    return out.view(n, batch, pos, -1).permute(1, 2, 0, 3)
+
+
+def _normed_projection(x, Wg, const, kind: str, eps: float):
+    """[reader, batch·pos, d_head] = rstd·(x·γW − mean·Σ_d γW) + const, x [reader, batch·pos, d_model]; also
+    the centred projection, rstd and mean (None without a norm), which backward reads."""
+    proj = torch.bmm(x, Wg)
+    if kind == "none":
+        return proj.add_(const[:, None, :]), proj, None, None
+    var = torch.linalg.vector_norm(x, dim=-1).square_().div_(x.shape[-1])  # E[x²]
+    mean = None
+    if kind == "ln":
+        mean = x.mean(-1)
+        var.sub_(mean.square())
+        proj.sub_(mean[..., None] * Wg.sum(1)[:, None, :])  # (x − mean)·γW
+    rstd = torch.rsqrt(var.add_(eps))
+    return torch.addcmul(const[:, None, :], rstd[..., None], proj), proj, rstd, mean
 
 
 def weights_need_grad(W: torch.Tensor, b: torch.Tensor | None, norm: Norm) -> bool:
@@ -99,21 +141,13 @@ class _NormProject(Function):
         keeps_x = any(ctx.needs_input_grad[:2]) and rebuild is None
         x = torch.add(part, resid, out=scratch) if scratch is not None and not keeps_x else part + resid
         x = x.view(n, batch * pos, d)
-        proj = torch.bmm(x, Wg)
         ctx.kind, ctx.shapes = kind, (part.shape, resid.shape)
+        out, proj, rstd, mean = _normed_projection(x, Wg, const, kind, eps)
         if kind == "none":
             ctx.save_for_backward(Wg)
-            return proj.add_(const[:, None, :])
-        var = torch.linalg.vector_norm(x, dim=-1).square_().div_(d)  # E[x²]
-        mean = None
-        if kind == "ln":
-            mean = x.mean(-1)
-            var.sub_(mean.square())
-            colsum = Wg.sum(1)
-            proj.sub_(mean[..., None] * colsum[:, None, :])  # (x − mean)·γW
-        rstd = torch.rsqrt(var.add_(eps))
-        ctx.save_for_backward(Wg, x if rebuild is None else None, proj, rstd, mean, resid if rebuild else None)
-        return torch.addcmul(const[:, None, :], rstd[..., None], proj)
+        else:
+            ctx.save_for_backward(Wg, x if rebuild is None else None, proj, rstd, mean, resid if rebuild else None)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -165,9 +199,7 @@ def unmixed_projection_gradient(
     Nothing per reader is computed forward (the value is the model's own q/k/v), and backward needs one GEMM per
     reader and the norm's statistics of the one shared input, not of a copy per reader (``_SharedInput``)."""
     n, batch, pos, d = part.shape
-    x = resid.detach().reshape(batch * pos, d)
-    if norm.kind == "ln":
-        x = x - x.mean(-1, keepdim=True)  # LayerNorm ignores the shift (as in mixed_projection)
+    x = centred_residual(resid.detach().reshape(batch * pos, d), norm)
     Wg = W if norm.weight is None else W * norm.weight[None, :, None]
     out = _SharedInput.apply(part, x, Wg.detach(), norm.kind, norm.eps, grad_into)
     return out.view(n, batch, pos, -1).permute(1, 2, 0, 3)

@@ -200,32 +200,59 @@ class SparseMixing:
         self.prefix_sums[stop] = self.prefix_sums[start] + target.reshape(stop - start, -1).sum(0)
         self.written = stop
 
+    def plan(self, coef: torch.Tensor, start: int, stop: int) -> tuple[bool, torch.Tensor | None] | None:
+        """(whether to start from −Σ rows, the sparse coefficients to add, None if none) where the sparse product
+        is cheaper than the plain GEMM, else None. ``coef``: [stop − start, reader]."""
+        shifted = coef + 1
+        n_zero_off = int(torch.count_nonzero(coef))
+        n_minus_one_off = int(torch.count_nonzero(shifted))
+        use_complement = n_minus_one_off < n_zero_off and start in self.prefix_sums and stop in self.prefix_sums
+        nnz = n_minus_one_off if use_complement else n_zero_off
+        if nnz > self.sparse_below * coef.numel():
+            return None
+        return use_complement, ((shifted if use_complement else coef) if nnz else None)
+
     def product(self, coef: torch.Tensor, buffer: "DeltaBuffer", start: int, stop: int, out: torch.Tensor,
                 accumulate: bool) -> bool:
         """out (+)= coefᵀ·delta[start:stop] (coef [stop − start, reader], out [reader, batch·pos·d_model]) if the
         coefficients are sparse enough; False (nothing done) where the caller's plain GEMM is cheaper."""
-        shifted = coef + 1
-        n_zero_off = int(torch.count_nonzero(coef))
-        n_minus_one_off = int(torch.count_nonzero(shifted))
-        sums = self.prefix_sums
-        use_complement = n_minus_one_off < n_zero_off and start in sums and stop in sums
-        nnz = n_minus_one_off if use_complement else n_zero_off
-        if nnz > self.sparse_below * coef.numel():
+        plan = self.plan(coef, start, stop)
+        if plan is None:
             return False
+        use_complement, sparse = plan
         if use_complement:  # −Σ rows, plus (coef + 1)·rows on the (writer, reader) pairs not removed
-            row_sum = sums[stop] - sums[start]
+            row_sum = self.prefix_sums[stop] - self.prefix_sums[start]
             if accumulate:
                 out.sub_(row_sum)
             else:
                 torch.neg(row_sum.expand_as(out), out=out)
         elif not accumulate:
             out.zero_()
-        if nnz:
-            c = (shifted if use_complement else coef).t()
-            with warnings.catch_warnings():  # "sparse CSR support is in beta": the product itself is plain
-                warnings.simplefilter("ignore", UserWarning)
-                torch.addmm(out, c.to_sparse_csr(), buffer.rows(start, stop), out=out)
+        _add_sparse(out, sparse, buffer.rows(start, stop))
         return True
+
+    def inputs(self, coef: torch.Tensor, buffer: "DeltaBuffer", stop: int, base: torch.Tensor,
+               out: torch.Tensor) -> bool:
+        """out = base + coefᵀ·delta[:stop] for readers that read the residual ``base`` ([batch·pos·d_model]): each
+        reader's input written once (from base, or from base − Σ rows) and added to sparsely, instead of a product
+        that the reader then adds to base. False (nothing done) where the coefficients are too dense."""
+        plan = self.plan(coef, 0, stop)
+        if plan is None:
+            return False
+        use_complement, sparse = plan
+        start_from = base - self.prefix_sums[stop] if use_complement else base
+        out.copy_(start_from.expand_as(out))
+        _add_sparse(out, sparse, buffer.rows(0, stop))
+        return True
+
+
+def _add_sparse(out: torch.Tensor, coef: torch.Tensor | None, rows: torch.Tensor) -> None:
+    """out += coefᵀ·rows, one row·axpy per nonzero coefficient (a CSR product); nothing for None."""
+    if coef is None:
+        return
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": the product itself is plain
+        warnings.simplefilter("ignore", UserWarning)
+        torch.addmm(out, coef.t().to_sparse_csr(), rows, out=out)
 
 
 class BufferPool:

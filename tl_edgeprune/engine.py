@@ -857,17 +857,19 @@ class MaskedModel:
         afterwards; head readers are then normed and projected (fused_qkv.projected_inputs)."""
         group = self.graph.reader_groups[group_index]
         buffer, coef = run.buffer, self._part_coef(run, group_index, part_index)
-        if group.kind == "attn":  # fused q/k/v: the window is direct only then
+        if group.kind == "attn":  # q/k/v are fused (_goes_direct): from the layer's residual
             resid = self._layer_resid(run, group.layer)
             W, b = self.adapter.qkv_weights(group.layer)[part_index]
             norm = self.adapter.attention_norm(group.layer)
             base = centred_residual(resid, norm)
             x = self._pool.scratch((coef.shape[1], *base.shape), base.dtype, base.device)
-            buffer.sparse.inputs(coef, buffer, group.n_writers, base.reshape(-1), x.view(coef.shape[1], -1))
-            return projected_inputs(x, norm, W, b)
-        x = activation.new_empty(activation.shape)  # handed to the model: its own storage, not a pooled scratch
-        buffer.sparse.inputs(coef, buffer, group.n_writers, activation.reshape(-1), x.view(1, -1))
-        return x
+        else:
+            base = activation
+            x = activation.new_empty((1, *activation.shape))  # handed to the model: its own storage, not a scratch
+        if not buffer.sparse.inputs(coef, buffer, group.n_writers, base.reshape(-1), x.view(coef.shape[1], -1)):
+            raise RuntimeError(f"tl_edgeprune: reader group {group_index} was planned sparse but its coefficients "
+                               "no longer are (a bug: please report it)")
+        return projected_inputs(x, norm, W, b) if group.kind == "attn" else x[0]
 
     def _mix(self, run: Mix, group_index: int) -> list[torch.Tensor | None]:
         """−Σ_j (1 − z_jr)(y_j − ỹ_j) for a reader group, one [reader, batch, pos, d_model] per hook.

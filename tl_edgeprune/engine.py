@@ -767,22 +767,40 @@ class MaskedModel:
 
     def _rebuild(self, run: Mix, group_index: int, part_index: int) -> Callable[[], torch.Tensor]:
         """For backward (``recompute_inputs``): this hook's parts −Σ_j (1 − z_jr)(y_j − ỹ_j) again, from the delta
-        buffer's rows (backward keeps them for the mask gradient). The group's parts are computed together, by one
-        GEMM, when its first part is asked for, and lent until its last is."""
+        buffer's rows (backward keeps them for the mask gradient). Its window's products are computed again when
+        the first of its head readers asks, by the forward's GEMMs (so the same bits), and lent until the last has."""
+        window = self._window_of[group_index]
+
         def rebuild() -> torch.Tensor:
-            parts = run.rebuilt.get(group_index)
+            parts = run.rebuilt.get(window.index)
             if parts is None:
-                group = self.graph.reader_groups[group_index]
-                coef = self._coef(run, 0, group.n_writers, group.start, group.stop).detach()
-                store = run.buffer.recomputed_products(coef, group.n_writers, ("rebuilt", group_index))
-                parts = run.rebuilt[group_index] = list(store.split(self._part_sizes(group)))
-            part, parts[part_index] = parts[part_index], None
-            if all(p is None for p in parts):  # the last one: its storage is free once this backward is done
-                del run.rebuilt[group_index]
-                run.buffer.products_read(("rebuilt", group_index))
+                parts = run.rebuilt[window.index] = self._rebuilt_window(run, window)
+            part = parts.pop((group_index, part_index))
+            if not parts:  # the last one: the storage is free once this backward is done
+                del run.rebuilt[window.index]
+                run.buffer.products_read(("rebuilt", window.index))
             return part if run.layout is None else run.layout.to_model(part)
 
         return rebuild
+
+    def _rebuilt_window(self, run: Mix, window: Window) -> dict[tuple[int, int], torch.Tensor]:
+        """A window's products as its forward computed them (the shared prefix, then each later group's rows since),
+        keyed by (group, hook) for the fused head readers, the ones that rebuild their inputs."""
+        groups = [self.graph.reader_groups[g] for g in window.groups]
+        store = run.buffer.recomputed_window(("rebuilt", window.index), window.n_readers)
+        flat = store.view(window.n_readers, -1)
+        coef = self._coef(run, 0, window.prefix, groups[0].start, groups[-1].stop).detach()
+        run.buffer.products(coef, 0, window.prefix, flat, accumulate=False)
+        parts = {}
+        for g, group, offset in zip(window.groups, groups, window.offsets):
+            n = group.stop - group.start
+            if group.n_writers > window.prefix:
+                rest = self._coef(run, window.prefix, group.n_writers, group.start, group.stop).detach()
+                run.buffer.products(rest, window.prefix, group.n_writers, flat[offset : offset + n], accumulate=True)
+            if group.kind == "attn":
+                for p, part in enumerate(store[offset : offset + n].split(self._part_sizes(group))):
+                    parts[(g, p)] = part
+        return parts
 
     def _reader_hook(self, group_index: int, offset: int, size: int, per_head: bool):
         group = self.graph.reader_groups[group_index]

@@ -125,15 +125,20 @@ class DeltaBuffer:
     def products_read(self, window) -> None:
         self._give_back(3, window)
 
-    def recomputed_products(self, coef: torch.Tensor, stop: int, key) -> torch.Tensor:
-        """``coefᵀ·delta[:stop]`` again, in backward (``coef``: [class, stop, reader]), in the products storage (the
-        forward's windows have all given it back) under ``key`` until ``products_read(key)``."""
-        n = coef.shape[-1]
-        store = self._borrow(3, key, n)
-        out, rows = store.view(n, -1), self.rows(0, stop)
+    def products(self, coef: torch.Tensor, start: int, stop: int, out: torch.Tensor, accumulate: bool) -> None:
+        """out (+)= coef[c]ᵀ·delta[start:stop] over each class c's columns: the plain GEMMs of the mixing
+        (``coef``: [class, stop − start, reader]; ``out``: [reader, batch·pos·d_model])."""
+        rows = self.rows(start, stop)
         for c, a, b in self.column_segments():
-            torch.mm(coef[c].t(), rows[:, a:b], out=out[:, a:b])
-        return store
+            if accumulate:
+                out[:, a:b].addmm_(coef[c].t(), rows[:, a:b])
+            else:
+                torch.mm(coef[c].t(), rows[:, a:b], out=out[:, a:b])
+
+    def recomputed_window(self, key, n_rows: int) -> torch.Tensor:
+        """[n_rows, batch, pos, d_model] in the products storage, for a window's products computed again in backward
+        (the forward's windows have all given it back), under ``key`` until ``products_read(key)``."""
+        return self._borrow(3, key, n_rows)
 
     def window_scratch(self, window: int, n_rows: int) -> torch.Tensor:
         """Where a window gathers its readers' gradients: its groups' backwards fill it one by one, the window's
@@ -380,9 +385,7 @@ class _MixWindow(Function):
             products.zero_()
         elif buffer.sparse is None or not buffer.sparse.product(coef[0], buffer, 0, window.prefix,
                                                                  products.view(window.n_readers, -1), accumulate=False):
-            out, rows = products.view(window.n_readers, -1), buffer.rows(0, window.prefix)
-            for c, a, b in buffer.column_segments():
-                torch.mm(coef[c].t(), rows[:, a:b], out=out[:, a:b])
+            buffer.products(coef, 0, window.prefix, products.view(window.n_readers, -1), accumulate=False)
         ctx.save_for_backward(coef)
         ctx.buffer, ctx.window, ctx.split_sizes, ctx.n_tokens = buffer, window, split_sizes, len(tokens)
         own = sum(split_sizes)
@@ -417,11 +420,10 @@ class _MixRest(Function):
         n_out = coef.shape[-1]
         products = buffer.window_products(window.index, window.n_readers)[offset : offset + n_out]
         if stop > window.prefix and not buffer.coef_zero:
-            out, rows = products.view(n_out, -1), buffer.rows(window.prefix, stop)
+            out = products.view(n_out, -1)
             if buffer.sparse is None or not buffer.sparse.product(coef[0], buffer, window.prefix, stop, out,
                                                                   accumulate=True):
-                for c, a, b in buffer.column_segments():
-                    out[:, a:b].addmm_(coef[c].t(), rows[:, a:b])
+                buffer.products(coef, window.prefix, stop, out, accumulate=True)
         ctx.save_for_backward(coef)
         ctx.buffer, ctx.window, ctx.offset, ctx.stop = buffer, window, offset, stop
         ctx.split_sizes, ctx.n_tokens = split_sizes, len(tokens)

@@ -66,4 +66,4 @@ class Mix(Forward):
         self.window_tokens: dict[int, torch.Tensor] = {}  # per mixed window: what its later groups link to
         self.unread: dict[int, int] = {}  # per mixed window: parts not yet read (its products storage is lent)
         self.direct: set[int] = set()  # reader groups whose inputs are formed directly (no gradients, sparse)
-        self.rebuilt: dict[int, list[torch.Tensor | None]] = {}  # per reader group: parts rebuilt in backward, not yet used
+        self.rebuilt: dict[int, dict] = {}  # per window: (group, hook) -> part rebuilt in backward, not yet used

@@ -115,7 +115,7 @@ def test_sparse_products_pick_each_form():
 
 def test_sparse_inputs_are_base_plus_the_product():
     """SparseMixing.inputs writes base + coefᵀ·rows once and adds sparsely (few nonzero coefficients), or starts from
-    base − Σ rows (mostly −1); dense coefficients are refused (False, nothing written)."""
+    base − Σ rows (mostly −1), by the plan made for them; dense coefficients get no plan."""
     from types import SimpleNamespace
 
     from tl_edgeprune.mixing import SparseMixing
@@ -131,7 +131,9 @@ def test_sparse_inputs_are_base_plus_the_product():
     for coef, handled in ((few_nonzero, True), (mostly_minus_one, True), (every_minus_one, True), (dense, False)):
         sparse = SparseMixing(rows[0], sparse_below=0.5)
         sparse.add(0, 10, rows)
-        out = torch.full((3, 7), 7.0, dtype=torch.float64)
-        assert sparse.inputs(coef, buffer, 10, base, out) == handled
-        expected = base + coef.t() @ rows if handled else torch.full((3, 7), 7.0, dtype=torch.float64)
-        torch.testing.assert_close(out, expected, atol=1e-12, rtol=0)
+        plan = sparse.plan(coef, 0, 10)
+        assert (plan is not None) == handled
+        if handled:
+            out = torch.full((3, 7), 7.0, dtype=torch.float64)
+            sparse.inputs(plan, buffer, 10, base, out)
+            torch.testing.assert_close(out, base + coef.t() @ rows, atol=1e-12, rtol=0)

@@ -857,36 +857,32 @@ class MaskedModel:
         if sparse is None or not self.fused_qkv or self._window_of[group_index].index in run.window_tokens:
             return False
         group = self.graph.reader_groups[group_index]
-        if all(sparse.plan(self._part_coef(run, group_index, p), 0, group.n_writers) is not None
-               for p in range(len(self._reader_parts(group)))):
-            run.direct.add(group_index)
-            return True
-        return False
-
-    def _part_coef(self, run: Mix, group_index: int, part_index: int) -> torch.Tensor:
-        """−(1 − z) of every writer a group reads into one hook's readers: [writer, reader]."""
-        group = self.graph.reader_groups[group_index]
-        _, offset, size, _ = self._reader_parts(group)[part_index]
-        return self._coef(run, 0, group.n_writers, group.start + offset, group.start + offset + size)[0]
+        plans = []
+        for _, offset, size, _ in self._reader_parts(group):  # −(1 − z) of every writer the group reads, per hook
+            coef = self._coef(run, 0, group.n_writers, group.start + offset, group.start + offset + size)[0]
+            plans.append(sparse.plan(coef, 0, group.n_writers))
+            if plans[-1] is None:
+                return False
+        run.direct[group_index] = plans  # each hook's plan, used as made (_direct_input)
+        return True
 
     def _direct_input(self, run: Mix, group_index: int, part_index: int, activation: torch.Tensor) -> torch.Tensor:
         """A hook's reader inputs, each written once from the residual (or the residual less every delta) and added
         to sparsely (mixing.SparseMixing.inputs), where the window path writes a part that is added to the residual
         afterwards; head readers are then normed and projected (fused_qkv.projected_inputs)."""
         group = self.graph.reader_groups[group_index]
-        buffer, coef = run.buffer, self._part_coef(run, group_index, part_index)
+        n = self._reader_parts(group)[part_index][2]
         if group.kind == "attn":  # q/k/v are fused (_goes_direct): from the layer's residual
             resid = self._layer_resid(run, group.layer)
             W, b = self.adapter.qkv_weights(group.layer)[part_index]
             norm = self.adapter.attention_norm(group.layer)
             base = centred_residual(resid, norm)
-            x = self._pool.scratch((coef.shape[1], *base.shape), base.dtype, base.device)
+            x = self._pool.scratch((n, *base.shape), base.dtype, base.device)
         else:
             base = activation
             x = activation.new_empty((1, *activation.shape))  # handed to the model: its own storage, not a scratch
-        if not buffer.sparse.inputs(coef, buffer, group.n_writers, base.reshape(-1), x.view(coef.shape[1], -1)):
-            raise RuntimeError(f"tl_edgeprune: reader group {group_index} was planned sparse but its coefficients "
-                               "no longer are (a bug: please report it)")
+        run.buffer.sparse.inputs(run.direct[group_index][part_index], run.buffer, group.n_writers, base.reshape(-1),
+                                 x.view(n, -1))
         return projected_inputs(x, norm, W, b) if group.kind == "attn" else x[0]
 
     def _mix(self, run: Mix, group_index: int) -> list[torch.Tensor | None]:

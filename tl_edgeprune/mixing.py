@@ -236,19 +236,15 @@ class SparseMixing:
         _add_sparse(out, sparse, buffer.rows(start, stop))
         return True
 
-    def inputs(self, coef: torch.Tensor, buffer: "DeltaBuffer", stop: int, base: torch.Tensor,
-               out: torch.Tensor) -> bool:
-        """out = base + coefᵀ·delta[:stop] for readers that read the residual ``base`` ([batch·pos·d_model]): each
-        reader's input written once (from base, or from base − Σ rows) and added to sparsely, instead of a product
-        that the reader then adds to base. False (nothing done) where the coefficients are too dense."""
-        plan = self.plan(coef, 0, stop)
-        if plan is None:
-            return False
+    def inputs(self, plan: tuple[bool, torch.Tensor | None], buffer: "DeltaBuffer", stop: int, base: torch.Tensor,
+               out: torch.Tensor) -> None:
+        """out = base + coefᵀ·delta[:stop] for readers that read the residual ``base`` ([batch·pos·d_model]), by the
+        ``plan(coef, 0, stop)`` the caller made: each reader's input written once (from base, or from base − Σ rows)
+        and added to sparsely, instead of a product that the reader then adds to base."""
         use_complement, sparse = plan
         start_from = base - self.prefix_sums[stop] if use_complement else base
         out.copy_(start_from.expand_as(out))
         _add_sparse(out, sparse, buffer.rows(0, stop))
-        return True
 
 
 def _add_sparse(out: torch.Tensor, coef: torch.Tensor | None, rows: torch.Tensor) -> None:

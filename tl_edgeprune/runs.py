@@ -65,5 +65,5 @@ class Mix(Forward):
         self.mixes: dict[int, list[torch.Tensor | None]] = {}  # per reader group, one part per hook (None once used)
         self.window_tokens: dict[int, torch.Tensor] = {}  # per mixed window: what its later groups link to
         self.unread: dict[int, int] = {}  # per mixed window: parts not yet read (its products storage is lent)
-        self.direct: set[int] = set()  # reader groups whose inputs are formed directly (no gradients, sparse)
+        self.direct: dict[int, list] = {}  # reader groups formed directly (no gradients, sparse): each hook's plan
         self.rebuilt: dict[int, dict] = {}  # per window: (group, hook) -> part rebuilt in backward, not yet used

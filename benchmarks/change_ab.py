@@ -15,6 +15,8 @@
 - ``direct-inputs``: a forward without gradients writes each reader's input once from the residual and adds the
   sparse coefficients' rows to it (engine._direct_input), or, as before, mixes a part through its window that the
   reader then adds to the residual;
+- ``own-unembedding``: with ``logits_at``, the final norm and unembedding of the scored rows applied by the adapter
+  (adapter.ModelAdapter.unembeds_rows), or, as before, by the model's forward (TL 3's Unembed copies W_Uᵀ per call);
 (``ln-folds``, the LayerNorm mean as one more GEMM column and its gradient as one more GEMM row, was measured at
 1.01x on the EP step and reverted: its switch lives at commit 5d49703.)
 
@@ -107,9 +109,16 @@ def switch_direct_inputs():
     E.MaskedModel._goes_direct = switchable
 
 
+def switch_own_unembedding():
+    from tl_edgeprune.adapter import ModelAdapter
+
+    original = ModelAdapter.unembeds_rows
+    ModelAdapter.unembeds_rows = lambda self: ON["on"] and original(self)
+
+
 CHANGES = {"discarded-qkv": switch_discarded_qkv, "write-heads": switch_write_heads, "grad-into": switch_grad_into,
            "gathered-logits": switch_gathered_logits, "recompute-inputs": switch_recompute_inputs,
-           "direct-inputs": switch_direct_inputs}
+           "direct-inputs": switch_direct_inputs, "own-unembedding": switch_own_unembedding}
 
 
 def ratio(s: dict) -> str:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import tl_edgeprune as tep
-from tl_edgeprune.adapter import ModelAdapter
+from tl_edgeprune.adapter import ModelAdapter, hooked_transformer_class
 from tl_edgeprune.edge_pruning import frozen_parameters
 from tl_edgeprune.tracr_models import load_tracr
 
@@ -396,6 +396,51 @@ def test_logits_at_unembeds_only_the_scored_positions(model_id, tokens):
     torch.testing.assert_close(full, model(clean), atol=0, rtol=0)
     assert grads["all"].abs().max() > 1e-3
     torch.testing.assert_close(grads["at"], grads["all"], atol=ATOL, rtol=0)
+
+
+@pytest.mark.skipif(not HAS_HOOKED, reason="HookedTransformer was removed in transformer-lens 4")
+@pytest.mark.parametrize("config", ["soft_cap", "no_norm", "user_hook"])
+def test_scored_rows_unembedded_by_the_adapter_as_by_the_model(config, tokens):
+    """With ``logits_at`` a HookedTransformer's final norm and unembedding run in the adapter (TL 3's Unembed copies
+    W_Uᵀ on every call): the same logits as ``model(tokens)`` at those positions (Gemma's soft cap, no final norm),
+    the model's Unembed never called; a user's hook on the unembedding keeps the model's own path, and fires."""
+    from transformer_lens import HookedTransformerConfig
+
+    from .models import D_VOCAB, N_CTX
+
+    extra = {"soft_cap": dict(normalization_type="LN", output_logits_soft_cap=0.5),
+             "no_norm": dict(normalization_type=None), "user_hook": dict(normalization_type="RMS")}[config]
+    cfg = HookedTransformerConfig(n_layers=2, d_model=32, n_heads=4, d_head=8, d_mlp=64, d_vocab=D_VOCAB, n_ctx=N_CTX,
+                                  act_fn="gelu", seed=3, **extra)
+    model = hooked_transformer_class()(cfg).eval()
+    with torch.no_grad():
+        model.unembed.b_U.normal_(generator=torch.Generator().manual_seed(4))
+    clean, corrupted = tokens
+    at = scored_positions(clean.shape)
+    calls, fired = [], []
+    unembed_forward = model.unembed.forward
+    model.unembed.forward = lambda *a, **k: calls.append(1) or unembed_forward(*a, **k)
+    if config == "user_hook":
+        model.add_hook("unembed.hook_out", lambda x, hook: fired.append(1))
+    try:
+        expected = model(clean)
+        with tep.masked(model) as mm:
+            assert mm.adapter.unembeds_rows() == (config != "user_hook")
+            calls.clear(), fired.clear()  # the model's own forwards so far, and the context's check on entry
+            rows = mm.full_logits(clean, at=at, gathered=True)
+            cf = mm.interchange(corrupted)
+            z = torch.ones(mm.graph.shape, requires_grad=True)
+            masked_rows = mm(clean, cf, z, logits_at=at, gathered=True)
+            masked_rows.log_softmax(-1)[:, 1].sum().backward()
+    finally:
+        del model.unembed.forward
+        model.reset_hooks()
+    if config == "soft_cap":
+        assert expected.abs().max() <= 0.5 and expected.abs().max() > 0.3  # the cap is applied, and binds
+    torch.testing.assert_close(rows, expected[at], atol=ATOL, rtol=0)
+    torch.testing.assert_close(masked_rows, expected[at], atol=ATOL, rtol=0)
+    assert z.grad.abs().max() > 0
+    assert len(calls) == (2 if config == "user_hook" else 0) and len(fired) == len(calls)
 
 
 def test_logits_at_must_be_a_bool_mask_of_the_tokens_shape(tokens):

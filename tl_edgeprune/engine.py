@@ -541,15 +541,15 @@ class MaskedModel:
         """The model's forward (from ``start``'s layer if given); with ``at``, its unembedding sees only those
         positions (as one [1, n_at] sequence) and the logits come back as [batch, pos, vocab] with zeros elsewhere,
         or (``gathered``) as those rows alone, in ``logits[at]``'s order."""
-        def forward():
+        def forward(rows: bool):  # rows: the final residual holds the scored rows alone (adapter.unembeds_rows)
             if start is None:
-                return self.adapter.forward(tokens, attention_mask)
-            return self.adapter.forward_from(start.layer, start.resid, attention_mask)
+                return self.adapter.forward(tokens, attention_mask, own_unembedding=rows)
+            return self.adapter.forward_from(start.layer, start.resid, attention_mask, own_unembedding=rows)
 
         if at is None:
-            return forward()
+            return forward(False)
         with self.adapter.hooks([(self.adapter.unembed_input_hook, lambda x, hook: x[at].unsqueeze(0))]):
-            logits = forward()
+            logits = forward(True)
         if gathered:
             return logits[0]
         return logits.new_zeros((*at.shape, logits.shape[-1])).index_put_((at,), logits[0])  # in place: no copy

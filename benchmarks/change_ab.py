@@ -17,6 +17,9 @@
   reader then adds to the residual;
 - ``own-unembedding``: with ``logits_at``, the final norm and unembedding of the scored rows applied by the adapter
   (adapter.ModelAdapter.unembeds_rows), or, as before, by the model's forward (TL 3's Unembed copies W_Uᵀ per call);
+- ``eap-resid-grad``: at every mask 1 (EAP) the residual's gradient through q/k/v is the head readers' sum, which
+  the fused backward (fused_qkv._SharedInput) has, with TL's own q/k/v detached; or, as before, TL's own q/k/v
+  backward gives it (the readers' gradients then serve the masks alone);
 (``ln-folds``, the LayerNorm mean as one more GEMM column and its gradient as one more GEMM row, was measured at
 1.01x on the EP step and reverted: its switch lives at commit 5d49703.)
 
@@ -116,9 +119,23 @@ def switch_own_unembedding():
     ModelAdapter.unembeds_rows = lambda self: ON["on"] and original(self)
 
 
+def switch_eap_resid_grad():
+    original = fused_qkv.unmixed_projection_gradient
+
+    def before(activation, part, resid, norm, W, grad_into=None):  # the residual held; TL's path gives its gradient
+        n, batch, pos, d = part.shape
+        x = fused_qkv.centred_residual(resid.detach().reshape(batch * pos, d), norm)
+        Wg = W if norm.weight is None else W * norm.weight[None, :, None]
+        out = fused_qkv._SharedInput.apply(part, x, Wg.detach(), norm.kind, norm.eps, grad_into)
+        return activation + out.view(n, batch, pos, -1).permute(1, 2, 0, 3)
+
+    E.unmixed_projection_gradient = lambda *args: (original if ON["on"] else before)(*args)
+
+
 CHANGES = {"discarded-qkv": switch_discarded_qkv, "write-heads": switch_write_heads, "grad-into": switch_grad_into,
            "gathered-logits": switch_gathered_logits, "recompute-inputs": switch_recompute_inputs,
-           "direct-inputs": switch_direct_inputs, "own-unembedding": switch_own_unembedding}
+           "direct-inputs": switch_direct_inputs, "own-unembedding": switch_own_unembedding,
+           "eap-resid-grad": switch_eap_resid_grad}
 
 
 def ratio(s: dict) -> str:

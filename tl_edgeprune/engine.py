@@ -751,12 +751,12 @@ class MaskedModel:
             grad_into = lambda: buffer.window_scratch(window.index, window.n_readers)[window_row : window_row + n]
         if run.removes_nothing:
             # Every mask 1 (EAP): the value is the model's own q/k/v bit for bit, and the gradient to the parts (the
-            # masks' gradient) is that of the mix at part = 0 with the residual held, which is exact there; the
-            # residual's own gradient comes through the model's path.
+            # masks' gradient) is that of the mix at part = 0, which is exact there. The residual's own gradient
+            # comes through the model's path where weights take gradients, else as the readers' sum from backward.
             if weights_need_grad(W, b, norm):
                 mixed = mixed_projection(part, resid.detach(), norm, W, b)
                 return activation + (mixed - mixed.detach())
-            return activation + unmixed_projection_gradient(part, resid, norm, W, grad_into)
+            return unmixed_projection_gradient(activation, part, resid, norm, W, grad_into)
         rebuild = None
         if torch.is_grad_enabled() and self.recompute_inputs:
             rebuild = self._rebuild(run, group_index, part_index)

@@ -178,7 +178,8 @@ class ModelAdapter:
         """Whether the final norm and unembedding may be applied here rather than by the model's forward:
         TransformerLens 3's Unembed copies W_Uᵀ on every call (154 MB on GPT-2: 0.16 s on this CPU, as much as
         a few rows' unembedding itself), and the same product reads W_U in place. Only a HookedTransformer
-        with TL's own Unembed on one device, with no hook of anyone's on it (they would not fire)."""
+        with TL's own Unembed on one device, not sharded by FSDP (the final weights are whole only inside the
+        model's forward then), with no hook of anyone's on it (they would not fire)."""
         if self.kind != "hooked" or getattr(self.cfg, "n_devices", 1) != 1:
             return False
         from transformer_lens.components import Unembed
@@ -186,6 +187,8 @@ class ModelAdapter:
         unembed = getattr(self.model, "unembed", None)
         if type(unembed) is not Unembed or (self.cfg.normalization_type is not None
                                             and not hasattr(self.model, "ln_final")):
+            return False
+        if _fsdp_sharded(self.model):
             return False
         return not any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
                        or getattr(m, "_backward_pre_hooks", None) for m in unembed.modules())
@@ -268,6 +271,15 @@ class ModelAdapter:
             if isinstance(module, nn.Module):
                 counts[name + "#torch"] = len(module._forward_hooks) + len(module._backward_hooks)
         return counts
+
+
+def _fsdp_sharded(model: nn.Module) -> bool:
+    """Whether FSDP2 (``fully_shard``) manages any of the model's modules."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return False
+    return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
 def post_norm_message(arch: str, detail: str) -> str:

@@ -182,7 +182,10 @@ class ModelAdapter:
         model's forward then), with no hook of anyone's on it (they would not fire)."""
         if self.kind != "hooked" or getattr(self.cfg, "n_devices", 1) != 1:
             return False
-        from transformer_lens.components import Unembed
+        try:
+            from transformer_lens.components import Unembed
+        except ImportError:  # transformer-lens 4: a "hooked" model is the Tracr twin (toy_transformer), not TL's
+            return False
 
         unembed = getattr(self.model, "unembed", None)
         if type(unembed) is not Unembed or (self.cfg.normalization_type is not None

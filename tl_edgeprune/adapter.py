@@ -12,6 +12,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from .distributed import is_sharded
 from .errors import UnsupportedModelError
 
 
@@ -191,7 +192,7 @@ class ModelAdapter:
         if type(unembed) is not Unembed or (self.cfg.normalization_type is not None
                                             and not hasattr(self.model, "ln_final")):
             return False
-        if _fsdp_sharded(self.model):
+        if is_sharded(self.model):
             return False
         return not any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
                        or getattr(m, "_backward_pre_hooks", None) for m in unembed.modules())
@@ -274,15 +275,6 @@ class ModelAdapter:
             if isinstance(module, nn.Module):
                 counts[name + "#torch"] = len(module._forward_hooks) + len(module._backward_hooks)
         return counts
-
-
-def _fsdp_sharded(model: nn.Module) -> bool:
-    """Whether FSDP2 (``fully_shard``) manages any of the model's modules."""
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:
-        return False
-    return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
 def post_norm_message(arch: str, detail: str) -> str:

@@ -125,8 +125,8 @@ def switch_eap_resid_grad():
     def before(activation, part, resid, norm, W, grad_into=None):  # the residual held; TL's path gives its gradient
         n, batch, pos, d = part.shape
         x = fused_qkv.centred_residual(resid.detach().reshape(batch * pos, d), norm)
-        Wg = W if norm.weight is None else W * norm.weight[None, :, None]
-        out = fused_qkv._SharedInput.apply(part, x, Wg.detach(), norm.kind, norm.eps, grad_into)
+        out = fused_qkv._SharedInput.apply(part, x, fused_qkv._scaled(norm, W).detach(), norm.kind, norm.eps,
+                                           grad_into)
         return activation + out.view(n, batch, pos, -1).permute(1, 2, 0, 3)
 
     E.unmixed_projection_gradient = lambda *args: (original if ON["on"] else before)(*args)

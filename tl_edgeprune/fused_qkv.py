@@ -69,9 +69,13 @@ def centred_residual(resid: torch.Tensor, norm: Norm) -> torch.Tensor:
 
 def _folded(norm: Norm, W: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """γ∘W and b + β·W: the norm's affine part folded into the projection."""
-    Wg = W if norm.weight is None else W * norm.weight[None, :, None]
     const = b if norm.bias is None else b + torch.einsum("d,nde->ne", norm.bias, W)
-    return Wg, const
+    return _scaled(norm, W), const
+
+
+def _scaled(norm: Norm, W: torch.Tensor) -> torch.Tensor:
+    """γ∘W: the norm's scale folded into the projection (W itself where the scale is folded into the model)."""
+    return W if norm.weight is None else W * norm.weight[None, :, None]
 
 
 def projected_inputs(
@@ -203,8 +207,7 @@ def unmixed_projection_gradient(
     reader and the norm's statistics of the one shared input, not of a copy per reader (``_SharedInput``)."""
     n, batch, pos, d = part.shape
     x = centred_residual(resid.reshape(batch * pos, d), norm)
-    Wg = W if norm.weight is None else W * norm.weight[None, :, None]
-    out = _SharedInput.apply(part, x, Wg.detach(), norm.kind, norm.eps, grad_into)
+    out = _SharedInput.apply(part, x, _scaled(norm, W).detach(), norm.kind, norm.eps, grad_into)
     return activation.detach() + out.view(n, batch, pos, -1).permute(1, 2, 0, 3)
 
 

@@ -204,7 +204,8 @@ def unmixed_projection_gradient(
     anyway), so TL's own q/k/v backward does not run as well.
 
     Nothing per reader is computed forward (the value is the model's own q/k/v), and backward needs one GEMM per
-    reader and the norm's statistics of the one shared input, not of a copy per reader (``_SharedInput``)."""
+    reader, one GEMM for the shared input's projections, and the norm's statistics of that one input, not of a
+    copy per reader (``_SharedInput``)."""
     n, batch, pos, d = part.shape
     x = centred_residual(resid.reshape(batch * pos, d), norm)
     out = _SharedInput.apply(part, x, _scaled(norm, W).detach(), norm.kind, norm.eps, grad_into)
@@ -212,35 +213,37 @@ def unmixed_projection_gradient(
 
 
 class _SharedInput(Function):
-    """Backward of rstd·(x·γW_r − mean·Σ_d γW_r) at x_r = x for every reader r, x shared: with u_r = g_r·(γW_r)ᵀ,
-    ∂/∂x_r = rstd·u_r + (2/d)·x·g_var + g_mean/d, g_var = −½·rstd³·(x·u_r), g_mean = −rstd·Σ_d u_r − 2·mean·g_var."""
+    """Backward of rstd·((x − mean)·γW_r) at x_r = x for every reader r, x shared, written in d_head space where it
+    can be: ∂/∂x_r = g_r·(rstd·γW̄_r)ᵀ + (x − mean)·c_r, with γW̄_r = γW_r less its mean over d_model (LayerNorm's
+    mean; γW_r itself under RMSNorm) and c_r = −rstd³·(g_r·p_r)/d, p_r = (x − mean)·γW_r. The d_model-sized
+    gradient is written once, by the GEMM, and read once more (its x term): a row dot of it with x wrote a fresh
+    tensor of its size, which page-faults on CPU (docs/performance.md)."""
 
     @staticmethod
     def forward(ctx, part, x, Wg, kind: str, eps: float, grad_into):
         n, batch, pos, d = part.shape
         ctx.kind, ctx.part_shape, ctx.grad_into = kind, part.shape, grad_into
-        rstd = mean = None
+        rstd = None
         if kind != "none":
-            var = torch.linalg.vector_norm(x, dim=-1).square_().div_(d)
             if kind == "ln":
-                mean = x.mean(-1)
-                var.sub_(mean.square())
-            rstd = torch.rsqrt(var.add_(eps))
-        ctx.save_for_backward(x, Wg, rstd, mean)
+                x = x - x.mean(-1, keepdim=True)  # the residual arrives centred: this takes off its rounding
+            rstd = torch.rsqrt(torch.linalg.vector_norm(x, dim=-1).square_().div_(d).add_(eps))
+        ctx.save_for_backward(x, Wg, rstd)
         return part.new_zeros((n, batch * pos, Wg.shape[-1]))
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, Wg, rstd, mean = ctx.saved_tensors
-        u = torch.bmm(grad_out.contiguous(), Wg.transpose(1, 2), out=_destination(ctx, ctx.part_shape))
-        if ctx.kind != "none":
-            d = x.shape[-1]
-            g_var = torch.linalg.vecdot(u, x).mul_(rstd.pow(3)).mul_(-0.5)  # an einsum's bmm took 2.4x as long
-            if ctx.kind == "ln":
-                g_mean = u.sum(-1).mul_(rstd).add_(2 * mean * g_var).neg_()
-            u.mul_(rstd[..., None])
-            u.addcmul_(x.expand_as(u), (g_var * (2.0 / d))[..., None])
-            if ctx.kind == "ln":
-                u.add_((g_mean / d)[..., None])
+        x, Wg, rstd = ctx.saved_tensors
+        g = grad_out.contiguous()
+        dest = _destination(ctx, ctx.part_shape)
+        if ctx.kind == "none":
+            u = torch.bmm(g, Wg.transpose(1, 2), out=dest)
+        else:
+            n, d, e = Wg.shape
+            proj = torch.mm(x, Wg.permute(1, 0, 2).reshape(d, n * e)).view(-1, n, e).transpose(0, 1)
+            coef = torch.linalg.vecdot(g, proj).mul_(rstd.pow(3)).div_(-d)  # [reader, batch·pos]
+            Wc = Wg - Wg.mean(1, keepdim=True) if ctx.kind == "ln" else Wg
+            u = torch.bmm(g * rstd[..., None], Wc.transpose(1, 2), out=dest)
+            u.addcmul_(x.expand_as(u), coef[..., None])
         grad_x = u.sum(0) if ctx.needs_input_grad[1] else None
         return u.view(ctx.part_shape), grad_x, None, None, None, None

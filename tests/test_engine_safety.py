@@ -131,6 +131,31 @@ def test_non_additive_outputs_are_detected_numerically(tokens):
             pass
 
 
+class _RescaleAfter(nn.Module):
+    """The MLP's output rescaled after its hook point (which records the writer's output) and before the add."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return 1.7 * self.inner(x)
+
+
+def test_non_additive_last_writer_is_detected_at_the_final_read(tokens):
+    """The attach-time check unembeds one position only; the final read (logits) still sees the whole residual,
+    so a rescaled last MLP output (which only the final read reads) is caught there."""
+    model = make_model(DEFAULT_ID)
+    block = model.blocks[-1]
+    if HAS_HOOKED:
+        block.hook_mlp_out = _RescaleAfter(block.hook_mlp_out)
+    else:
+        block.mlp.hook_out = _RescaleAfter(block.mlp.hook_out)
+    with pytest.raises(tep.UnsupportedModelError, match="at logits the residual stream differs"):
+        with tep.masked(model):
+            pass
+
+
 def test_unsupported_model_types():
     with pytest.raises(tep.UnsupportedModelError, match="got Linear"):
         tep.masked(nn.Linear(3, 3))

@@ -33,11 +33,14 @@ class Forward:
 
 class Capture(Forward):
     """Records every writer's output y, no masks. ``writers_only``: with the model's own flags, stopped once the
-    last writer fired (no final norm or unembedding); ``reader_inputs``: also keep each reader group's input."""
+    last writer fired (no final norm or unembedding); ``reader_inputs``: also keep each reader group's input;
+    ``logits_at``: unembed only these positions (their rows come back gathered)."""
 
-    def __init__(self, n_chunks: int, *, writers_only: bool, reader_inputs: bool = False):
+    def __init__(self, n_chunks: int, *, writers_only: bool, reader_inputs: bool = False,
+                 logits_at: torch.Tensor | None = None):
         super().__init__(n_chunks)
         self.writers_only = writers_only
+        self.logits_at, self.gathered = logits_at, logits_at is not None
         self.reader_inputs: dict[int, torch.Tensor] | None = {} if reader_inputs else None
 
 

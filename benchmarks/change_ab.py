@@ -20,6 +20,9 @@
 - ``eap-resid-grad``: at every mask 1 (EAP) the residual's gradient through q/k/v is the head readers' sum, which
   the fused backward (fused_qkv._SharedInput) has, with TL's own q/k/v detached; or, as before, TL's own q/k/v
   backward gives it (the readers' gradients then serve the masks alone);
+- ``eap-dhead-backward``: that backward's norm terms in d_head space (its variance term from the model's own q/k/v,
+  LayerNorm's mean term folded into the GEMM's weights), or, as the fourteenth session left it, from the
+  d_model-sized gradient the GEMM wrote (a row dot with x into a fresh tensor, a row sum, a scaling, two adds);
 (``ln-folds``, the LayerNorm mean as one more GEMM column and its gradient as one more GEMM row, was measured at
 1.01x on the EP step and reverted: its switch lives at commit 5d49703.)
 
@@ -122,20 +125,67 @@ def switch_own_unembedding():
 def switch_eap_resid_grad():
     original = fused_qkv.unmixed_projection_gradient
 
-    def before(activation, part, resid, norm, W, grad_into=None):  # the residual held; TL's path gives its gradient
+    def before(activation, part, resid, norm, W, b, grad_into=None):  # the residual held; TL's path gives its gradient
         n, batch, pos, d = part.shape
         x = fused_qkv.centred_residual(resid.detach().reshape(batch * pos, d), norm)
-        out = fused_qkv._SharedInput.apply(part, x, fused_qkv._scaled(norm, W).detach(), norm.kind, norm.eps,
-                                           grad_into)
+        Wg, const = fused_qkv._folded(norm, W, b)
+        out = fused_qkv._SharedInput.apply(part, x, Wg.detach(), const.detach(), activation.detach(), norm.kind,
+                                           norm.eps, grad_into)
         return activation + out.view(n, batch, pos, -1).permute(1, 2, 0, 3)
 
     E.unmixed_projection_gradient = lambda *args: (original if ON["on"] else before)(*args)
 
 
+class _SharedInputInDModel(torch.autograd.Function):
+    """fused_qkv._SharedInput as the fourteenth session left it (for ``eap-dhead-backward``): the norm's terms in
+    d_model space, from the gradient the GEMM wrote (a row dot with x, a row sum, a scaling and two adds)."""
+
+    @staticmethod
+    def forward(ctx, part, x, Wg, const, activation, kind, eps, grad_into):
+        n, batch, pos, d = part.shape
+        ctx.kind, ctx.part_shape, ctx.grad_into = kind, part.shape, grad_into
+        rstd = mean = None
+        if kind != "none":
+            var = torch.linalg.vector_norm(x, dim=-1).square_().div_(d)
+            if kind == "ln":
+                mean = x.mean(-1)
+                var.sub_(mean.square())
+            rstd = torch.rsqrt(var.add_(eps))
+        ctx.save_for_backward(x, Wg, rstd, mean)
+        return part.new_zeros((n, batch * pos, Wg.shape[-1]))
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, Wg, rstd, mean = ctx.saved_tensors
+        u = torch.bmm(grad_out.contiguous(), Wg.transpose(1, 2), out=fused_qkv._destination(ctx, ctx.part_shape))
+        if ctx.kind != "none":
+            d = x.shape[-1]
+            g_var = torch.linalg.vecdot(u, x).mul_(rstd.pow(3)).mul_(-0.5)
+            if ctx.kind == "ln":
+                g_mean = u.sum(-1).mul_(rstd).add_(2 * mean * g_var).neg_()
+            u.mul_(rstd[..., None])
+            u.addcmul_(x.expand_as(u), (g_var * (2.0 / d))[..., None])
+            if ctx.kind == "ln":
+                u.add_((g_mean / d)[..., None])
+        grad_x = u.sum(0) if ctx.needs_input_grad[1] else None
+        return u.view(ctx.part_shape), grad_x, None, None, None, None, None, None
+
+
+def switch_eap_dhead_backward():
+    new = fused_qkv._SharedInput
+
+    class Switched(torch.autograd.Function):
+        @staticmethod
+        def apply(*args):
+            return (new if ON["on"] else _SharedInputInDModel).apply(*args)
+
+    fused_qkv._SharedInput = Switched
+
+
 CHANGES = {"discarded-qkv": switch_discarded_qkv, "write-heads": switch_write_heads, "grad-into": switch_grad_into,
            "gathered-logits": switch_gathered_logits, "recompute-inputs": switch_recompute_inputs,
            "direct-inputs": switch_direct_inputs, "own-unembedding": switch_own_unembedding,
-           "eap-resid-grad": switch_eap_resid_grad}
+           "eap-resid-grad": switch_eap_resid_grad, "eap-dhead-backward": switch_eap_dhead_backward}
 
 
 def ratio(s: dict) -> str:

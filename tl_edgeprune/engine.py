@@ -756,7 +756,7 @@ class MaskedModel:
             if weights_need_grad(W, b, norm):
                 mixed = mixed_projection(part, resid.detach(), norm, W, b)
                 return activation + (mixed - mixed.detach())
-            return unmixed_projection_gradient(activation, part, resid, norm, W, grad_into)
+            return unmixed_projection_gradient(activation, part, resid, norm, W, b, grad_into)
         rebuild = None
         if torch.is_grad_enabled() and self.recompute_inputs:
             rebuild = self._rebuild(run, group_index, part_index)

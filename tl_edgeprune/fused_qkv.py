@@ -196,6 +196,7 @@ def unmixed_projection_gradient(
     resid: Float[torch.Tensor, "batch pos d_model"],
     norm: Norm,
     W: Float[torch.Tensor, "reader d_model d_head"],
+    b: Float[torch.Tensor, "reader d_head"],
     grad_into: Callable[[], torch.Tensor] | None = None,
 ) -> Float[torch.Tensor, "batch pos reader d_head"]:
     """The model's own q/k/v (``activation``, detached), with the gradient to ``part`` and ``resid`` of
@@ -203,47 +204,51 @@ def unmixed_projection_gradient(
     shared residual itself. The residual's gradient through q/k/v is the sum of the readers' (which backward has
     anyway), so TL's own q/k/v backward does not run as well.
 
-    Nothing per reader is computed forward (the value is the model's own q/k/v), and backward needs one GEMM per
-    reader, one GEMM for the shared input's projections, and the norm's statistics of that one input, not of a
-    copy per reader (``_SharedInput``)."""
+    Nothing per reader is computed forward (the value is the model's own q/k/v, which is also the projection the
+    norm's backward reads), and backward needs one GEMM per reader and the norm's statistics of the one shared
+    input, not of a copy per reader (``_SharedInput``)."""
     n, batch, pos, d = part.shape
     x = centred_residual(resid.reshape(batch * pos, d), norm)
-    out = _SharedInput.apply(part, x, _scaled(norm, W).detach(), norm.kind, norm.eps, grad_into)
+    Wg, const = _folded(norm, W, b)
+    out = _SharedInput.apply(part, x, Wg.detach(), const.detach(), activation.detach(), norm.kind, norm.eps,
+                             grad_into)
     return activation.detach() + out.view(n, batch, pos, -1).permute(1, 2, 0, 3)
 
 
 class _SharedInput(Function):
-    """Backward of rstd·((x − mean)·γW_r) at x_r = x for every reader r, x shared, written in d_head space where it
-    can be: ∂/∂x_r = g_r·(rstd·γW̄_r)ᵀ + (x − mean)·c_r, with γW̄_r = γW_r less its mean over d_model (LayerNorm's
-    mean; γW_r itself under RMSNorm) and c_r = −rstd³·(g_r·p_r)/d, p_r = (x − mean)·γW_r. The d_model-sized
-    gradient is written once, by the GEMM, and read once more (its x term): a row dot of it with x wrote a fresh
-    tensor of its size, which page-faults on CPU (docs/performance.md)."""
+    """Backward of rstd·((x − mean)·γW_r) + const_r at x_r = x for every reader r, x shared, written in d_head space
+    where it can be: ∂/∂x_r = g_r·(rstd·γW̄_r)ᵀ + (x − mean)·c_r, with γW̄_r = γW_r less its mean over d_model
+    (LayerNorm's mean; γW_r itself under RMSNorm) and c_r = −rstd²·(g_r·(q_r − const_r))/d, q_r the model's own
+    projection (= rstd·(x − mean)·γW_r + const_r). The d_model-sized gradient is written once, by the GEMM, and read
+    once more (its x term): a row dot of it with x wrote a fresh tensor of its size, which page-faults on CPU."""
 
     @staticmethod
-    def forward(ctx, part, x, Wg, kind: str, eps: float, grad_into):
+    def forward(ctx, part, x, Wg, const, activation, kind: str, eps: float, grad_into):
         n, batch, pos, d = part.shape
         ctx.kind, ctx.part_shape, ctx.grad_into = kind, part.shape, grad_into
-        rstd = None
-        if kind != "none":
+        if kind == "none":
+            ctx.save_for_backward(Wg)
+        else:
             if kind == "ln":
                 x = x - x.mean(-1, keepdim=True)  # the residual arrives centred: this takes off its rounding
             rstd = torch.rsqrt(torch.linalg.vector_norm(x, dim=-1).square_().div_(d).add_(eps))
-        ctx.save_for_backward(x, Wg, rstd)
+            ctx.save_for_backward(Wg, x, rstd, const, activation)
         return part.new_zeros((n, batch * pos, Wg.shape[-1]))
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, Wg, rstd = ctx.saved_tensors
+        Wg, *saved = ctx.saved_tensors
         g = grad_out.contiguous()
         dest = _destination(ctx, ctx.part_shape)
         if ctx.kind == "none":
             u = torch.bmm(g, Wg.transpose(1, 2), out=dest)
         else:
+            x, rstd, const, activation = saved
             n, d, e = Wg.shape
-            proj = torch.mm(x, Wg.permute(1, 0, 2).reshape(d, n * e)).view(-1, n, e).transpose(0, 1)
-            coef = torch.linalg.vecdot(g, proj).mul_(rstd.pow(3)).div_(-d)  # [reader, batch·pos]
+            centred = activation.permute(2, 0, 1, 3).reshape(n, -1, e) - const[:, None, :]  # rstd·(x − mean)·γW_r
+            coef = torch.linalg.vecdot(g, centred).mul_(rstd.square()).div_(-d)  # [reader, batch·pos]
             Wc = Wg - Wg.mean(1, keepdim=True) if ctx.kind == "ln" else Wg
             u = torch.bmm(g * rstd[..., None], Wc.transpose(1, 2), out=dest)
             u.addcmul_(x.expand_as(u), coef[..., None])
         grad_x = u.sum(0) if ctx.needs_input_grad[1] else None
-        return u.view(ctx.part_shape), grad_x, None, None, None, None
+        return u.view(ctx.part_shape), grad_x, None, None, None, None, None, None

@@ -23,6 +23,8 @@
 - ``eap-dhead-backward``: that backward's norm terms in d_head space (its variance term from the model's own q/k/v,
   LayerNorm's mean term folded into the GEMM's weights), or, as the fourteenth session left it, from the
   d_model-sized gradient the GEMM wrote (a row dot with x into a fresh tensor, a row sum, a scaling, two adds);
+- ``row-dots``: the masks' gradient GEMM as flat·rowsᵀ where a window has more writers than readers
+  (mixing._row_dots), or, as before, always rows·flatᵀ;
 (``ln-folds``, the LayerNorm mean as one more GEMM column and its gradient as one more GEMM row, was measured at
 1.01x on the EP step and reverted: its switch lives at commit 5d49703.)
 
@@ -182,10 +184,16 @@ def switch_eap_dhead_backward():
     fused_qkv._SharedInput = Switched
 
 
+def switch_row_dots():
+    original = mixing._row_dots
+    mixing._row_dots = lambda rows, flat: original(rows, flat) if ON["on"] else rows.mm(flat.t())
+
+
 CHANGES = {"discarded-qkv": switch_discarded_qkv, "write-heads": switch_write_heads, "grad-into": switch_grad_into,
            "gathered-logits": switch_gathered_logits, "recompute-inputs": switch_recompute_inputs,
            "direct-inputs": switch_direct_inputs, "own-unembedding": switch_own_unembedding,
-           "eap-resid-grad": switch_eap_resid_grad, "eap-dhead-backward": switch_eap_dhead_backward}
+           "eap-resid-grad": switch_eap_resid_grad, "eap-dhead-backward": switch_eap_dhead_backward,
+           "row-dots": switch_row_dots}
 
 
 def ratio(s: dict) -> str:

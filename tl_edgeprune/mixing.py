@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+from jaxtyping import Float
 from torch.autograd import Function
 
 
@@ -447,11 +448,19 @@ def _coef_grad(buffer: DeltaBuffer, rows: torch.Tensor, flat: torch.Tensor, coef
     """∂/∂coef[c] = delta[:, class c's columns] · grad_out[:, the same]ᵀ, per class (0 for a class absent here)."""
     segments = buffer.column_segments()
     if len(segments) == 1 and coef.shape[0] == 1:
-        return rows.mm(flat.t()).unsqueeze(0)
+        return _row_dots(rows, flat).unsqueeze(0)
     grad = coef.new_zeros(coef.shape)
     for c, a, b in segments:
-        torch.mm(rows[:, a:b], flat[:, a:b].t(), out=grad[c])
+        grad[c] = _row_dots(rows[:, a:b], flat[:, a:b])
     return grad
+
+
+def _row_dots(rows: Float[torch.Tensor, "writer n"], flat: Float[torch.Tensor, "reader n"]) -> torch.Tensor:
+    """rows·flatᵀ, [writer, reader], n ≫ both. On CPU, with more writers than readers, MKL's kernel for the
+    transposed product (flat·rowsᵀ) is 10–25 % faster on the mixing's shapes (docs/performance.md)."""
+    if rows.device.type == "cpu" and rows.shape[0] > flat.shape[0]:
+        return flat.mm(rows.t()).t()
+    return rows.mm(flat.t())
 
 
 def write(y: torch.Tensor, counterfactual: torch.Tensor | None, buffer: DeltaBuffer, start: int, stop: int):

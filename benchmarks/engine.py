@@ -1,6 +1,6 @@
 """Masked Edge Pruning step ÷ the frozen forward+backward, and ÷ a training step, of the same model (time, memory).
 
-    python benchmarks/engine.py [--model gpt2-shape|smollm2] [--batch 32] [--seq 20] [--repeats 5]
+    python benchmarks/engine.py [--model gpt2-shape|smollm2] [--batch 32] [--seq 20] [--repeats 5] [--memory]
 
 Frozen (the honest floor: Edge Pruning never needs weight gradients): model(tokens) with the weights frozen, a
 loss at the last position, backward through the activations only (from the embeddings on), no per-head split.
@@ -18,6 +18,8 @@ Frozen, plain and core steps are timed interleaved (frozen, plain, step, frozen,
 median of the per-round ratios; then again with each timed run preceded by an untimed run of the same step (as in a loop of
 such steps: with glibc defaults, a step right after the other kind page-faults back the memory that the other's
 frees returned to the kernel). The other rows are timed in blocks and compared by medians.
+Peak memory (``--memory``: that alone): each step's peak RSS growth in a fresh process whose RSS follows its live
+tensors (common.FOLLOW_LIVE).
 """
 
 from __future__ import annotations
@@ -31,8 +33,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from benchmarks.common import (allocator_env, fmt_stats, gpt2_small_model, in_subprocess, peak_rss_bytes,  # noqa: E402
-                               reset_peak_rss, timed, timed_interleaved)
+from benchmarks.common import (FOLLOW_LIVE, allocator_env, fmt_stats, gpt2_small_model, in_subprocess,  # noqa: E402
+                               peak_rss_bytes, reset_peak_rss, timed, timed_interleaved)
 
 import tl_edgeprune as tep  # noqa: E402
 from tl_edgeprune.data import paired_data  # noqa: E402
@@ -297,14 +299,29 @@ def report(r: dict) -> None:
         if key in r:
             print(f"RATIO {label} / plain fwd+bwd: {r[key]['median'] / plain:.2f}x (medians)")
     if "peak_plain" in r:
-        print(f"peak memory of one step: frozen fwd+bwd {r['peak_frozen'] / 2**20:.0f} MiB, training step "
-              f"{r['peak_plain'] / 2**20:.0f} MiB, Edge Pruning step with its ỹ and target {r['peak_ep'] / 2**20:.0f} MiB")
-        print(f"RATIO peak memory Edge Pruning step / frozen fwd+bwd: {r['peak_ep'] / r['peak_frozen']:.2f}x")
-        print(f"RATIO peak memory Edge Pruning step / training step: {r['peak_ep'] / r['peak_plain']:.2f}x")
-        print(f"peak memory of the Edge Pruning step with recompute_inputs=True (each head reader's input rebuilt in "
-              f"backward): {r['peak_ep_recompute'] / 2**20:.0f} MiB")
-        print(f"RATIO peak memory Edge Pruning step, recompute_inputs=True / frozen fwd+bwd: "
-              f"{r['peak_ep_recompute'] / r['peak_frozen']:.2f}x")
+        report_memory(r)
+
+
+def report_memory(r: dict) -> None:
+    print("peak memory: peak RSS growth of one step, each in a fresh process under "
+          + " ".join(f"{k}={v}" for k, v in FOLLOW_LIVE.items()) + " (RSS follows the live tensors)")
+    print(f"peak memory of one step: frozen fwd+bwd {r['peak_frozen'] / 2**20:.0f} MiB, training step "
+          f"{r['peak_plain'] / 2**20:.0f} MiB, Edge Pruning step with its ỹ and target {r['peak_ep'] / 2**20:.0f} MiB")
+    print(f"RATIO peak memory Edge Pruning step / frozen fwd+bwd: {r['peak_ep'] / r['peak_frozen']:.2f}x")
+    print(f"RATIO peak memory Edge Pruning step / training step: {r['peak_ep'] / r['peak_plain']:.2f}x")
+    print(f"peak memory of the Edge Pruning step with recompute_inputs=True (each head reader's input rebuilt in "
+          f"backward): {r['peak_ep_recompute'] / 2**20:.0f} MiB")
+    print(f"RATIO peak memory Edge Pruning step, recompute_inputs=True / frozen fwd+bwd: "
+          f"{r['peak_ep_recompute'] / r['peak_frozen']:.2f}x")
+
+
+def measure_peaks(args) -> dict:
+    """Each step's peak memory, each in a fresh process (so the peaks of the variants do not mix)."""
+    extra = ["--model", args.model, "--dtype", args.dtype, "--batch", str(args.batch), "--seq", str(args.seq),
+             "--input-nodes", args.input_nodes, "--memory-only"]
+    kinds = {"peak_plain": "plain", "peak_frozen": "frozen", "peak_ep": "masked", "peak_ep_recompute": "masked-recompute"}
+    return {key: in_subprocess(os.path.abspath(__file__), *extra, kind, env=FOLLOW_LIVE)["peak_bytes"]
+            for key, kind in kinds.items()}
 
 
 def main() -> None:
@@ -318,19 +335,18 @@ def main() -> None:
     ap.add_argument("--json", action="store_true", help="print one JSON line instead of the report")
     ap.add_argument("--only-step", action="store_true", help="plain and core step only (for benchmarks/peers.py)")
     ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--memory", action="store_true", help="the peak-memory figures alone")
     ap.add_argument("--memory-only", choices=["plain", "frozen", "masked", "masked-recompute"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.memory_only:
         print(json.dumps(measure_memory(args)))
         return
+    if args.memory:
+        report_memory(measure_peaks(args))
+        return
     r = measure(args)
     if not (args.no_memory or args.only_step):
-        extra = ["--model", args.model, "--dtype", args.dtype, "--batch", str(args.batch), "--seq", str(args.seq),
-                 "--input-nodes", args.input_nodes, "--memory-only"]
-        r["peak_plain"] = in_subprocess(os.path.abspath(__file__), *extra, "plain")["peak_bytes"]
-        r["peak_frozen"] = in_subprocess(os.path.abspath(__file__), *extra, "frozen")["peak_bytes"]
-        r["peak_ep"] = in_subprocess(os.path.abspath(__file__), *extra, "masked")["peak_bytes"]
-        r["peak_ep_recompute"] = in_subprocess(os.path.abspath(__file__), *extra, "masked-recompute")["peak_bytes"]
+        r.update(measure_peaks(args))
     print(json.dumps(r)) if args.json else report(r)
 
 

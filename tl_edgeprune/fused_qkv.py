@@ -69,13 +69,9 @@ def centred_residual(resid: torch.Tensor, norm: Norm) -> torch.Tensor:
 
 def _folded(norm: Norm, W: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """γ∘W and b + β·W: the norm's affine part folded into the projection."""
+    Wg = W if norm.weight is None else W * norm.weight[None, :, None]
     const = b if norm.bias is None else b + torch.einsum("d,nde->ne", norm.bias, W)
-    return _scaled(norm, W), const
-
-
-def _scaled(norm: Norm, W: torch.Tensor) -> torch.Tensor:
-    """γ∘W: the norm's scale folded into the projection (W itself where the scale is folded into the model)."""
-    return W if norm.weight is None else W * norm.weight[None, :, None]
+    return Wg, const
 
 
 def projected_inputs(
@@ -208,10 +204,9 @@ def unmixed_projection_gradient(
     norm's backward reads), and backward needs one GEMM per reader and the norm's statistics of the one shared
     input, not of a copy per reader (``_SharedInput``)."""
     n, batch, pos, d = part.shape
-    x = centred_residual(resid.reshape(batch * pos, d), norm)
     Wg, const = _folded(norm, W, b)
-    out = _SharedInput.apply(part, x, Wg.detach(), const.detach(), activation.detach(), norm.kind, norm.eps,
-                             grad_into)
+    out = _SharedInput.apply(part, resid.reshape(batch * pos, d), Wg.detach(), const.detach(), activation.detach(),
+                             norm.kind, norm.eps, grad_into)
     return activation.detach() + out.view(n, batch, pos, -1).permute(1, 2, 0, 3)
 
 
@@ -229,8 +224,8 @@ class _SharedInput(Function):
         if kind == "none":
             ctx.save_for_backward(Wg)
         else:
-            if kind == "ln":
-                x = x - x.mean(-1, keepdim=True)  # the residual arrives centred: this takes off its rounding
+            if kind == "ln":  # (x − mean) once: the statistics and the backward's x term read it
+                x = x - x.mean(-1, keepdim=True)
             rstd = torch.rsqrt(torch.linalg.vector_norm(x, dim=-1).square_().div_(d).add_(eps))
             ctx.save_for_backward(Wg, x, rstd, const, activation)
         return part.new_zeros((n, batch * pos, Wg.shape[-1]))

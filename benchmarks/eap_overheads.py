@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import tl_edgeprune as tep  # noqa: E402
-from benchmarks.common import allocator_env, gpt2_small_model  # noqa: E402
+from benchmarks.common import allocator_env, gpt2_small_model, timed  # noqa: E402
 from benchmarks.engine import residual_grad_step  # noqa: E402
 from tl_edgeprune.eap import eap  # noqa: E402
 from tl_edgeprune.edge_pruning import frozen_parameters  # noqa: E402
@@ -87,13 +87,7 @@ def row_dots(rounds: int, n: int = 32 * 20 * 768) -> None:
     rows_all, flat_all = torch.randn(150, n, generator=gen), torch.randn(40, n, generator=gen)
 
     def median_ms(fn) -> float:
-        fn()
-        times = []
-        for _ in range(rounds + 2):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return sorted(times)[len(times) // 2] * 1e3
+        return timed(fn, rounds + 2)["median"] * 1e3
 
     total = {"rows·flatᵀ": 0.0, "(flat·rowsᵀ)ᵀ": 0.0, "picked": 0.0}
     for w, r in GPT2_EAP_SHAPES:

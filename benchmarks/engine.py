@@ -2,9 +2,12 @@
 
     python benchmarks/engine.py [--model gpt2-shape|smollm2] [--batch 32] [--seq 20] [--repeats 5] [--memory]
 
-Frozen (the honest floor: Edge Pruning never needs weight gradients): model(tokens) with the weights frozen, a
-loss at the last position, backward through the activations only (from the embeddings on), no per-head split.
-Plain: the same with backward into the model's parameters (a training step), which flatters a ratio.
+Frozen (the honest floor: Edge Pruning never needs weight gradients): the model's blocks with the weights frozen,
+its final norm and unembedding at the last position only (all a loss there reads), backward through the activations
+only (from the embeddings on), no per-head split. Also timed, for comparison with the fifteenth session and before:
+the same through model(tokens), which unembeds every position (~30 % more work on the GPT-2 shape, so ratios
+against it flattered us). Plain: the frozen step with backward into the model's parameters (a training step),
+which flatters a ratio.
 Edge Pruning step, core: sample hard-concrete edge and node masks, masked forward (interchange ablation,
 ỹ and the full model's logits precomputed for the batch), KL + Lagrangian sparsity terms, backward into the
 masks (weights frozen), gradient clipping, AdamW. This is what auto-circuit's learned-mask step does too
@@ -58,6 +61,20 @@ def loss_of(logits):
     return -logits[:, -1].log_softmax(-1).mean()
 
 
+def last_position_logits(model, tokens):
+    """[batch, 1, vocab]: the blocks, then the final norm and unembedding at the scored (last) position only, which
+    is all the objective reads. ``model(tokens)`` unembeds every position: on the GPT-2 shape (50k vocabulary,
+    20 positions) that is ~30 % of a frozen forward+backward, work no masked step does (it unembeds scored rows)."""
+    resid = model(tokens, stop_at_layer=model.cfg.n_layers)[:, -1:]
+    if model.cfg.normalization_type is not None:
+        resid = model.ln_final(resid)
+    return torch.nn.functional.linear(resid, model.unembed.W_U.T, model.unembed.b_U)
+
+
+def logits_of(model, tokens, every_position: bool = False):
+    return model(tokens) if every_position else last_position_logits(model, tokens)
+
+
 def make_batch(model, batch: int, seq: int):
     gen = torch.Generator().manual_seed(0)
     clean = torch.randint(0, model.cfg.d_vocab, (batch, seq), generator=gen)
@@ -65,23 +82,26 @@ def make_batch(model, batch: int, seq: int):
     return clean, corrupted
 
 
-def plain_step(model, clean):
+def plain_step(model, clean, every_position: bool = False):
+    """A training step: the loss at the last position, backward into the weights (``every_position``: through
+    ``model(tokens)``, every position unembedded, the definition of the fifteenth session and before)."""
     def step():
         model.zero_grad(set_to_none=True)
-        loss_of(model(clean)).backward()
+        loss_of(logits_of(model, clean, every_position)).backward()
 
     return step
 
 
-def residual_grad_step(model, clean):
-    """Forward+backward with gradients into the residual stream only (from the embeddings on), weights frozen: with
-    TL's split-q/k/v flag on, the floor of any masked step that needs per-head reader gradients."""
+def residual_grad_step(model, clean, every_position: bool = False):
+    """Forward+backward with gradients into the residual stream only (from the embeddings on), weights frozen, the
+    last position alone unembedded: the floor of a masked step. ``every_position``: through ``model(tokens)``
+    (the floor of the fifteenth session and before, which unembedded 19 positions no step reads)."""
     def embed_grad(x, hook):
         return x.detach().requires_grad_(True)
 
     def step():
         with model.hooks(fwd_hooks=[("hook_embed", embed_grad)]):
-            loss_of(model(clean)).backward()
+            loss_of(logits_of(model, clean, every_position)).backward()
 
     return step
 
@@ -104,10 +124,10 @@ def plain_step_beside(mm, model, clean):
     return step
 
 
-def frozen_step_beside(mm, model, clean):
+def frozen_step_beside(mm, model, clean, every_position: bool = False):
     """The frozen forward+backward (weights frozen, gradient into the activations from the embeddings on, TL's
     plain path without the per-head split), runnable between masked steps: the engine's hooks stay inert."""
-    step = residual_grad_step(model, clean)
+    step = residual_grad_step(model, clean, every_position)
 
     def run():
         with mm._plain_flags():
@@ -191,10 +211,10 @@ def measure_memory(args) -> dict:
         base = reset_peak_rss()
         plain_step(model, clean)()
         return {"peak_bytes": peak_rss_bytes() - base}
-    if args.memory_only == "frozen":
+    if args.memory_only in ("frozen", "frozen-every"):
         with frozen_parameters(model):
             base = reset_peak_rss()
-            residual_grad_step(model, clean)()
+            residual_grad_step(model, clean, every_position=args.memory_only == "frozen-every")()
             return {"peak_bytes": peak_rss_bytes() - base}
     recompute = args.memory_only == "masked-recompute"
     with frozen_parameters(model), tep.masked(model, input_nodes=args.input_nodes, recompute_inputs=recompute) as mm:
@@ -211,11 +231,16 @@ def measure(args) -> dict:
            "torch": torch.__version__, "threads": torch.get_num_threads(), "allocator": allocator_env()}
     with frozen_parameters(model), tep.masked(model, input_nodes=args.input_nodes) as mm:
         out["graph"] = str(mm.graph)
-        steps = {"frozen": frozen_step_beside(mm, model, clean), "plain": plain_step_beside(mm, model, clean),
-                 "ep_step": edge_pruning_step(mm, clean, corrupted),
+        steps = {"frozen": frozen_step_beside(mm, model, clean),
+                 "frozen_every": frozen_step_beside(mm, model, clean, every_position=True),
+                 "plain": plain_step_beside(mm, model, clean), "ep_step": edge_pruning_step(mm, clean, corrupted),
                  "ep_step_recompute": recomputing(mm, edge_pruning_step(mm, clean, corrupted))}
         pair = timed_interleaved(steps, args.repeats)
         settled = timed_interleaved(steps, args.repeats, settle=1)
+    out["frozen_every"], out["frozen_every_settled"] = pair["frozen_every"], settled["frozen_every"]
+    out["ep_step_frozen_every_ratio"] = pair["ep_step/frozen_every"]
+    out["ep_step_settled_frozen_every_ratio"] = settled["ep_step/frozen_every"]
+    out["frozen_every_frozen_ratio"] = pair["frozen_every/frozen"]
     out["frozen"], out["plain"], out["ep_step"], out["ep_step_ratio"] = pair["frozen"], pair["plain"], pair["ep_step"], pair["ep_step/plain"]
     out["ep_step_frozen_ratio"], out["plain_frozen_ratio"] = pair["ep_step/frozen"], pair["plain/frozen"]
     out["plain_settled"], out["ep_step_settled"] = settled["plain"], settled["ep_step"]
@@ -260,18 +285,19 @@ def report(r: dict) -> None:
           f"{r['threads']} threads, allocator: {r['allocator']}")
     print(f"graph: {r['graph']}")
     rows = [("frozen fwd+bwd (activation grads only)", "frozen"),
+            ("frozen, every position unembedded", "frozen_every"),
             ("plain fwd+bwd (param grads)", "plain"),
             ("Edge Pruning step, core (fwd+bwd+AdamW)", "ep_step"),
             ("the same, recompute_inputs=True", "ep_step_recompute"),
             ("plain, second of two in a row", "plain_settled"),
-            ("Edge Pruning step, core, second of two", "ep_step_settled"),
-            ("Edge Pruning step, real loop, recomputing", "ep_loop_step"),
+            ("Edge Pruning step, core, second of two", "ep_step_settled")]
+    block_rows = [("Edge Pruning step, real loop, recomputing", "ep_loop_step"),
             ("the same, later epochs (ỹ, target cached)", "ep_loop_cached"),
             ("masked fwd+bwd (mask grads, frozen)", "masked_frozen"),
             ("masked fwd+bwd (mask + param grads)", "masked_params"),
             ("TL split-q/k/v flag only, no hooks", "split_flag"),
             ("the same, frozen, gradient to resid only", "split_frozen")]
-    for label, key in rows:
+    for label, key in rows + block_rows:
         if key in r:
             print(f"{label:<42}: {fmt_stats(r[key])}")
     for key, label in (("ep_step_frozen_ratio", "Edge Pruning step, core / frozen fwd+bwd"),
@@ -280,13 +306,18 @@ def report(r: dict) -> None:
                        ("ep_step_recompute_settled_frozen_ratio", "the same, each timed after one untimed run of itself"),
                        ("recompute_cost", "Edge Pruning step, recompute_inputs=True / default"),
                        ("recompute_cost_settled", "the same, each timed after one untimed run of itself"),
-                       ("plain_frozen_ratio", "training step / frozen fwd+bwd")):
+                       ("plain_frozen_ratio", "training step / frozen fwd+bwd"),
+                       ("frozen_every_frozen_ratio", "frozen fwd+bwd with every position unembedded (model(tokens), "
+                        "the floor until the fifteenth session) / frozen fwd+bwd"),
+                       ("ep_step_frozen_every_ratio", "Edge Pruning step, core / frozen fwd+bwd with every position "
+                        "unembedded (the fifteenth session's floor, for comparison)"),
+                       ("ep_step_settled_frozen_every_ratio", "the same, each timed after one untimed run of itself")):
         if key in r:
             q = r[key]
             print(f"RATIO {label}: {q['median']:.2f}x (median of {q['n']} interleaved rounds; min {q['min']:.2f}x, "
                   f"max {q['max']:.2f}x)")
     if "frozen" in r:
-        for label, key in rows[6:]:
+        for label, key in block_rows:
             if key in r:
                 print(f"RATIO {label} / frozen fwd+bwd: {r[key]['median'] / r['frozen']['median']:.2f}x (medians)")
     ratio = r["ep_step_ratio"]
@@ -295,7 +326,7 @@ def report(r: dict) -> None:
     ratio = r["ep_step_settled_ratio"]
     print(f"RATIO Edge Pruning step, core / plain fwd+bwd, each timed after one untimed run of itself (a a* b b* ...): "
           f"{ratio['median']:.2f}x (median of {ratio['n']} rounds; min {ratio['min']:.2f}x, max {ratio['max']:.2f}x)")
-    for label, key in rows[6:]:
+    for label, key in block_rows:
         if key in r:
             print(f"RATIO {label} / plain fwd+bwd: {r[key]['median'] / plain:.2f}x (medians)")
     if "peak_plain" in r:
@@ -313,13 +344,18 @@ def report_memory(r: dict) -> None:
           f"backward): {r['peak_ep_recompute'] / 2**20:.0f} MiB")
     print(f"RATIO peak memory Edge Pruning step, recompute_inputs=True / frozen fwd+bwd: "
           f"{r['peak_ep_recompute'] / r['peak_frozen']:.2f}x")
+    print(f"peak memory of the frozen fwd+bwd with every position unembedded (model(tokens), the fifteenth session's "
+          f"floor): {r['peak_frozen_every'] / 2**20:.0f} MiB; against it, the Edge Pruning step "
+          f"{r['peak_ep'] / r['peak_frozen_every']:.2f}x, with recompute_inputs=True "
+          f"{r['peak_ep_recompute'] / r['peak_frozen_every']:.2f}x")
 
 
 def measure_peaks(args) -> dict:
     """Each step's peak memory, each in a fresh process (so the peaks of the variants do not mix)."""
     extra = ["--model", args.model, "--dtype", args.dtype, "--batch", str(args.batch), "--seq", str(args.seq),
              "--input-nodes", args.input_nodes, "--memory-only"]
-    kinds = {"peak_plain": "plain", "peak_frozen": "frozen", "peak_ep": "masked", "peak_ep_recompute": "masked-recompute"}
+    kinds = {"peak_plain": "plain", "peak_frozen": "frozen", "peak_frozen_every": "frozen-every", "peak_ep": "masked",
+             "peak_ep_recompute": "masked-recompute"}
     return {key: in_subprocess(os.path.abspath(__file__), *extra, kind, env=FOLLOW_LIVE)["peak_bytes"]
             for key, kind in kinds.items()}
 
@@ -336,7 +372,8 @@ def main() -> None:
     ap.add_argument("--only-step", action="store_true", help="plain and core step only (for benchmarks/peers.py)")
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--memory", action="store_true", help="the peak-memory figures alone")
-    ap.add_argument("--memory-only", choices=["plain", "frozen", "masked", "masked-recompute"], help=argparse.SUPPRESS)
+    ap.add_argument("--memory-only", choices=["plain", "frozen", "frozen-every", "masked", "masked-recompute"],
+                    help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.memory_only:
         print(json.dumps(measure_memory(args)))

@@ -27,7 +27,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 import tl_edgeprune as tep  # noqa: E402
 from benchmarks.common import NO_MMAP, allocator_env, fmt_stats, gpt2_small_model, timed_interleaved  # noqa: E402
-from benchmarks.engine import residual_grad_step  # noqa: E402
+from benchmarks.engine import plain_step, residual_grad_step  # noqa: E402
 from tl_edgeprune.edge_pruning import frozen_parameters  # noqa: E402
 from tl_edgeprune.eap import eap  # noqa: E402
 
@@ -45,23 +45,27 @@ def eap_ratio(repeats: int, n: int = 64, batch: int = 32, seq: int = 20) -> None
 
     def plain():
         for start in range(0, n, batch):
-            model.zero_grad(set_to_none=True)
-            model(clean[start : start + batch])[:, -1].log_softmax(-1).mean().backward()
+            plain_step(model, clean[start : start + batch])()
 
-    def frozen():  # the floor: weights frozen, backward through the activations from the embeddings on
+    def frozen(every_position: bool = False):
+        """The floor: weights frozen, backward through the activations from the embeddings on, the last position
+        unembedded (``every_position``: model(tokens), the fifteenth session's floor)."""
         with frozen_parameters(model):
             for start in range(0, n, batch):
-                residual_grad_step(model, clean[start : start + batch])()
+                residual_grad_step(model, clean[start : start + batch], every_position)()
 
-    steps = {"frozen": frozen, "plain": plain, "eap": lambda: eap(model, data, batch_size=batch, progress=False),
+    steps = {"frozen": frozen, "frozen_every": lambda: frozen(every_position=True), "plain": plain,
+             "eap": lambda: eap(model, data, batch_size=batch, progress=False),
              "eap_ig": lambda: eap(model, data, batch_size=batch, progress=False, ig_steps=IG_STEPS)}
     t = timed_interleaved(steps, repeats)
     print(f"allocator: {allocator_env()}, {torch.get_num_threads()} threads")
     print(f"frozen fwd+bwd over {n} examples   : {fmt_stats(t['frozen'])}")
+    print(f"the same, every position unembedded: {fmt_stats(t['frozen_every'])}")
     print(f"training step over {n} examples    : {fmt_stats(t['plain'])}")
     print(f"EAP over {n} examples              : {fmt_stats(t['eap'])}")
     print(f"EAP-IG({IG_STEPS}) over {n} examples        : {fmt_stats(t['eap_ig'])}")
-    for base, label in (("frozen", "frozen fwd+bwd"), ("plain", "training step")):
+    for base, label in (("frozen", "frozen fwd+bwd"), ("plain", "training step"),
+                        ("frozen_every", "frozen fwd+bwd with every position unembedded (the fifteenth session's floor)")):
         q = t[f"eap/{base}"]
         print(f"RATIO EAP / {label} per batch: {q['median']:.2f}x (median of {q['n']} interleaved rounds; "
               f"min {q['min']:.2f}x, max {q['max']:.2f}x; EAP also runs the corrupted forward for ỹ)")

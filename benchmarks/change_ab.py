@@ -25,8 +25,6 @@
   d_model-sized gradient the GEMM wrote (a row dot with x into a fresh tensor, a row sum, a scaling, two adds);
 - ``row-dots``: the masks' gradient GEMM as flat·rowsᵀ where a window has more writers than readers
   (mixing._row_dots), or, as before, always rows·flatᵀ;
-- ``kept-inputs``: each head reader group's inputs, kept for its backward, formed in storage pooled with the delta
-  buffer (mixing.DeltaBuffer.kept_inputs), or, as before, in a fresh tensor every step;
 (``ln-folds``, the LayerNorm mean as one more GEMM column and its gradient as one more GEMM row, was measured at
 1.01x on the EP step and reverted: its switch lives at commit 5d49703.)
 
@@ -191,17 +189,11 @@ def switch_row_dots():
     mixing._row_dots = lambda rows, flat: original(rows, flat) if ON["on"] else rows.mm(flat.t())
 
 
-def switch_kept_inputs():
-    original = mixing.DeltaBuffer.kept_inputs
-    mixing.DeltaBuffer.kept_inputs = lambda self, key, shape: (original(self, key, shape) if ON["on"]
-                                                               else self.values.new_empty(tuple(shape)))
-
-
 CHANGES = {"discarded-qkv": switch_discarded_qkv, "write-heads": switch_write_heads, "grad-into": switch_grad_into,
            "gathered-logits": switch_gathered_logits, "recompute-inputs": switch_recompute_inputs,
            "direct-inputs": switch_direct_inputs, "own-unembedding": switch_own_unembedding,
            "eap-resid-grad": switch_eap_resid_grad, "eap-dhead-backward": switch_eap_dhead_backward,
-           "row-dots": switch_row_dots, "kept-inputs": switch_kept_inputs}
+           "row-dots": switch_row_dots}
 
 
 def ratio(s: dict) -> str:

@@ -90,7 +90,7 @@ def buffer_ratio(model, batch: int, seq: int, clean, corrupted) -> None:
             mm(clean, cf, z)[:, -1].log_softmax(-1).mean().backward()
             (slot, _), = mm._pool._slots.values()
             values, grad, scratch, products = (0 if t is None or t.data_ptr() == cf.values.data_ptr() else t.nbytes
-                                               for t in slot[:4])  # values, gradient, gradient scratch, forward products (not the kept inputs)
+                                               for t in slot)
             writers = cf.values.nbytes + values
         label = "single-use ỹ, y − ỹ written over it (the loop)" if single_use else "reusable ỹ + delta buffer"
         print(f"RATIO writer tensors / theory, {label}: forward {writers / theory:.2f}x ({writers / 2**20:.0f} MiB), "

@@ -760,13 +760,10 @@ class MaskedModel:
         rebuild = None
         if torch.is_grad_enabled() and self.recompute_inputs:
             rebuild = self._rebuild(run, group_index, part_index)
+        scratch = None
         if not torch.is_grad_enabled() or rebuild is not None:  # nothing keeps the inputs past this call
-            inputs = self._pool.scratch(part.shape, part.dtype, part.device)
-        elif weights_need_grad(W, b, norm):  # autograd's own path keeps inputs of its own
-            inputs = None
-        else:  # kept for backward: the buffer's pooled storage
-            inputs = run.buffer.kept_inputs((group_index, part_index), part.shape)
-        return mixed_projection(part, resid, norm, W, b, inputs, grad_into, rebuild)
+            scratch = self._pool.scratch(part.shape, part.dtype, part.device)
+        return mixed_projection(part, resid, norm, W, b, scratch, grad_into, rebuild)
 
     def _rebuild(self, run: Mix, group_index: int, part_index: int) -> Callable[[], torch.Tensor]:
         """For backward (``recompute_inputs``): this hook's parts −Σ_j (1 − z_jr)(y_j − ỹ_j) again, from the delta

@@ -34,7 +34,7 @@ def mixed_projection(
     norm: Norm,
     W: Float[torch.Tensor, "reader d_model d_head"],
     b: Float[torch.Tensor, "reader d_head"],
-    inputs: torch.Tensor | None = None,
+    scratch: torch.Tensor | None = None,
     grad_into: Callable[[], torch.Tensor] | None = None,
     rebuild: Callable[[], torch.Tensor] | None = None,
 ) -> Float[torch.Tensor, "batch pos reader d_head"]:
@@ -45,12 +45,10 @@ def mixed_projection(
     projection, in d_head space, so no normalised copy is ever written. The backward is written out
     (``_NormProject``): one GEMM and two in-place passes over the inputs, where autograd's took five fresh tensors
     and a strided GEMM (docs/performance.md). With weights that need gradients, autograd's own path runs.
-    ``inputs``: [reader, batch, pos, d_model] storage to form the inputs in (else a fresh tensor): a scratch where
-    nothing keeps them, or storage the caller keeps unwritten until this forward's backward has run.
     ``grad_into``: gives the [reader, batch, pos, d_model] storage the parts' gradient is to be written to (the
     mixing's gathering block), so backward writes it there instead of into a fresh tensor the mixing copies.
     ``rebuild``: gives ``part`` again, in storage backward may overwrite; the inputs are then not kept for backward
-    but formed again from it: the largest tensor a step keeps, traded for one add pass and
+    (formed in ``scratch``) but formed again from it: the largest tensor a step keeps, traded for one add pass and
     the caller's recomputation."""
     n, batch, pos, d = part.shape
     e = W.shape[-1]
@@ -59,7 +57,7 @@ def mixed_projection(
     if weights_need_grad(W, b, norm):
         out = _autograd_projection(part, resid, norm, Wg, const)
     else:
-        out = _NormProject.apply(part, resid, Wg, const, norm.kind, norm.eps, inputs, grad_into, rebuild)
+        out = _NormProject.apply(part, resid, Wg, const, norm.kind, norm.eps, scratch, grad_into, rebuild)
     return out.view(n, batch, pos, e).permute(1, 2, 0, 3)
 
 
@@ -133,14 +131,15 @@ class _NormProject(Function):
     """[reader, batch·pos, d_head] = rstd·(x·γW − mean·Σ_d γW) + const, x = resid + part_r (rstd, mean per row)."""
 
     @staticmethod
-    def forward(ctx, part, resid, Wg, const, kind: str, eps: float, inputs, grad_into, rebuild):
+    def forward(ctx, part, resid, Wg, const, kind: str, eps: float, scratch, grad_into, rebuild):
         n, batch, pos, d = part.shape
         ctx.grad_into = grad_into
         rebuild = rebuild if any(ctx.needs_input_grad[:2]) and kind != "none" else None  # else x is never re-read
         ctx.rebuild = rebuild
-        # never the parts' storage (lent to later readers): the caller's ``inputs`` (a fresh tensor of this size
-        # page-faults on CPU, costing 3x the add)
-        x = part + resid if inputs is None else torch.add(part, resid, out=inputs)
+        # never the parts' storage (lent to later readers); ``scratch`` when nothing keeps x (no gradients, or
+        # backward rebuilds it): a fresh tensor of this size page-faults on CPU, costing 3x the add
+        keeps_x = any(ctx.needs_input_grad[:2]) and rebuild is None
+        x = torch.add(part, resid, out=scratch) if scratch is not None and not keeps_x else part + resid
         x = x.view(n, batch * pos, d)
         ctx.kind, ctx.shapes = kind, (part.shape, resid.shape)
         out, proj, rstd, mean = _normed_projection(x, Wg, const, kind, eps)

@@ -64,9 +64,8 @@ class DeltaBuffer:
     def __init__(self, n_writers: int, shape: Sequence[int], dtype: torch.dtype, device: torch.device,
                  slot: list | None = None, values: torch.Tensor | None = None):
         self.shape = tuple(shape)  # (batch, pos, d_model)
-        # [values, grad, gradient scratch, forward products, {kept reader inputs}] storage, filled on first use,
-        # pooled across steps
-        self.slot = empty_slot() if slot is None else slot
+        # [values, grad, gradient scratch, forward products] storage, filled on first use, pooled across steps
+        self.slot = [None, None, None, None] if slot is None else slot
         if values is None and self.slot[0] is None:
             self.slot[0] = torch.empty((n_writers, *self.shape), dtype=dtype, device=device)
         self.values = self.slot[0] if values is None else values  # given: a single-use ỹ, overwritten in place
@@ -74,7 +73,6 @@ class DeltaBuffer:
         self.grad_filled = [False] * n_writers  # rows of grad that hold sums; the others are uninitialised
         self.written = [False] * n_writers
         self._lent: dict[tuple[int, int], torch.Tensor] = {}  # (slot, window) -> storage that window is using
-        self._kept: set = set()  # keys of the slot's kept inputs this buffer's forward has written
         # Every coefficient is exactly 0 (all masks 1: EAP's gradient at z = 1): the products are 0 and the deltas
         # get no gradient, so only the mask gradient's GEMM runs (the others would read the buffer for zeros).
         self.coef_zero = False
@@ -96,7 +94,7 @@ class DeltaBuffer:
         """A buffer holding given deltas (e.g. clean − corrupted for EAP-IG), not recomputed in the forward."""
         values = values.contiguous() if layout is None else layout.to_sorted(values)
         buffer = cls(values.shape[0], values.shape[1:], values.dtype, values.device,
-                     slot=[values, *empty_slot()[1:]])
+                     slot=[values, None, None, None])
         buffer.written = [True] * values.shape[0]
         buffer.layout = layout
         return buffer
@@ -142,19 +140,6 @@ class DeltaBuffer:
         """[n_rows, batch, pos, d_model] in the products storage, for a window's products computed again in backward
         (the forward's windows have all given it back), under ``key`` until ``products_read(key)``."""
         return self._borrow(3, key, n_rows)
-
-    def kept_inputs(self, key, shape: Sequence[int]) -> torch.Tensor:
-        """Storage for one reader group's inputs, which its backward reads: the previous step's (pooled with the
-        buffer, so free once that step's graph is gone) unless this forward already wrote that key. A fresh tensor
-        of this size page-faults on CPU: ~0.9 GB a GPT-2-shape step (docs/performance.md)."""
-        kept, shape = self.slot[4], tuple(shape)
-        store = kept.get(key)
-        if key in self._kept or store is None or store.shape != shape:
-            store = self.values.new_empty(shape)
-            if key not in self._kept:
-                kept[key] = store
-        self._kept.add(key)
-        return store
 
     def window_scratch(self, window: int, n_rows: int) -> torch.Tensor:
         """Where a window gathers its readers' gradients: its groups' backwards fill it one by one, the window's
@@ -272,11 +257,6 @@ def _add_sparse(out: torch.Tensor, coef: torch.Tensor | None, rows: torch.Tensor
         torch.addmm(out, coef.t().to_sparse_csr(), rows, out=out)
 
 
-def empty_slot() -> list:
-    """A DeltaBuffer's storage before first use: values, gradient, gradient scratch, forward products, kept inputs."""
-    return [None, None, None, None, {}]
-
-
 class BufferPool:
     """Lends the same [writer, batch, pos, d_model] storage (and its gradient twin) to successive masked
     forwards of one shape, once the autograd graph of the previous one is gone. A fresh 300 MB tensor per
@@ -303,7 +283,7 @@ class BufferPool:
         """``values``: storage to write the deltas into (a single-use ỹ); then only the gradient twin is pooled."""
         key = (n_writers, tuple(shape), dtype, torch.device(device))
         entry = self._slots.get(key)
-        slot = entry[0] if entry is not None and entry[1]() is None else empty_slot()  # in use: fresh storage
+        slot = entry[0] if entry is not None and entry[1]() is None else [None, None, None, None]  # in use: fresh storage
         buffer = DeltaBuffer(n_writers, shape, dtype, device, slot=slot, values=values)
         self._slots[key] = (slot, weakref.ref(buffer))
         return buffer

@@ -26,7 +26,9 @@
 - ``row-dots``: the masks' gradient GEMM as flat·rowsᵀ where a window has more writers than readers
   (mixing._row_dots), or, as before, always rows·flatᵀ;
 (``ln-folds``, the LayerNorm mean as one more GEMM column and its gradient as one more GEMM row, was measured at
-1.01x on the EP step and reverted: its switch lives at commit 5d49703.)
+1.01x on the EP step and reverted: its switch lives at commit 5d49703. ``kept-inputs``, each head reader group's
+kept inputs formed in storage pooled with the delta buffer instead of a fresh tensor per step, was measured at
+1.00x on the EP step, with 67 MiB more peak memory, and reverted: its switch lives at commit 01f4bca.)
 
 Timed: the Edge Pruning core step (batch 32 × 20, as benchmarks/engine.py) and the frozen forward+backward; one
 EAP batch (tep.eap on 32 examples); an ACDC candidate from layer L/2 (96 × 16, 3.4 % kept after it, as

@@ -64,7 +64,7 @@ def loss_of(logits):
 def last_position_logits(model, tokens):
     """[batch, 1, vocab]: the blocks, then the final norm and unembedding at the scored (last) position only, which
     is all the objective reads. ``model(tokens)`` unembeds every position: on the GPT-2 shape (50k vocabulary,
-    20 positions) that is ~30 % of a frozen forward+backward, work no masked step does (it unembeds scored rows)."""
+    20 positions) its frozen forward+backward was 1.48x this one's (docs/performance.md), work no masked step does."""
     resid = model(tokens, stop_at_layer=model.cfg.n_layers)[:, -1:]
     if model.cfg.normalization_type is not None:
         resid = model.ln_final(resid)

@@ -10,7 +10,8 @@ batch_size=256), the model's weights frozen, no gradients:
   (last) position only: all the metric reads, so the floor a candidate is judged against (since the sixteenth
   session);
 - "plain forward": ``model(clean)``, every position unembedded (what a TransformerLens user runs; the baseline
-  until the fifteenth session, ~30 % more work on the GPT-2 shape, so ratios against it flattered us);
+  until the fifteenth session; its every-position unembedding made ratios against it flatter us, by the factor
+  printed as the second ratio);
 - "candidate, all positions unembedded": the masked forward as acdc ran it until this change;
 - "candidate, whole model, scored positions only": ``logits_at=`` the positions the metric reads (last here),
   returned as those rows alone (``gathered=True``, as acdc does since the thirteenth session);

@@ -5,8 +5,8 @@
 Frozen (the honest floor: Edge Pruning never needs weight gradients): the model's blocks with the weights frozen,
 its final norm and unembedding at the last position only (all a loss there reads), backward through the activations
 only (from the embeddings on), no per-head split. Also timed, for comparison with the fifteenth session and before:
-the same through model(tokens), which unembeds every position (~30 % more work on the GPT-2 shape, so ratios
-against it flattered us). Plain: the frozen step with backward into the model's parameters (a training step),
+the same through model(tokens), which unembeds every position (1.48x the time on the GPT-2 shape in the sixteenth
+session's run, so ratios against it flattered us). Plain: the frozen step with backward into the model's parameters (a training step),
 which flatters a ratio.
 Edge Pruning step, core: sample hard-concrete edge and node masks, masked forward (interchange ablation,
 ỹ and the full model's logits precomputed for the batch), KL + Lagrangian sparsity terms, backward into the
@@ -292,11 +292,11 @@ def report(r: dict) -> None:
             ("plain, second of two in a row", "plain_settled"),
             ("Edge Pruning step, core, second of two", "ep_step_settled")]
     block_rows = [("Edge Pruning step, real loop, recomputing", "ep_loop_step"),
-            ("the same, later epochs (ỹ, target cached)", "ep_loop_cached"),
-            ("masked fwd+bwd (mask grads, frozen)", "masked_frozen"),
-            ("masked fwd+bwd (mask + param grads)", "masked_params"),
-            ("TL split-q/k/v flag only, no hooks", "split_flag"),
-            ("the same, frozen, gradient to resid only", "split_frozen")]
+                  ("the same, later epochs (ỹ, target cached)", "ep_loop_cached"),
+                  ("masked fwd+bwd (mask grads, frozen, every position unembedded)", "masked_frozen"),
+                  ("masked fwd+bwd (mask + param grads, every position unembedded)", "masked_params"),
+                  ("TL split-q/k/v flag only, no hooks", "split_flag"),
+                  ("the same, frozen, gradient to resid only", "split_frozen")]
     for label, key in rows + block_rows:
         if key in r:
             print(f"{label:<42}: {fmt_stats(r[key])}")

@@ -21,6 +21,7 @@ def test_last_position_floor_matches_the_models_own_loss_and_gradient(arch):
     grads = []
     for every_position in (True, False):
         seen = []
+
         def keep_grad(resid, hook):
             resid.register_hook(lambda g: seen.append(g.clone()))  # the gradient into the residual stream
 

@@ -24,9 +24,8 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import tl_edgeprune as tep  # noqa: E402
 from benchmarks.common import allocator_env, gpt2_small_model, timed  # noqa: E402
-from benchmarks.engine import residual_grad_step  # noqa: E402
+from benchmarks.engine import over_batches, plain_step, residual_grad_step  # noqa: E402
 from tl_edgeprune.eap import eap  # noqa: E402
-from tl_edgeprune.edge_pruning import frozen_parameters  # noqa: E402
 
 # (writers, readers) of the masks' gradient GEMMs of one EAP batch on the GPT-2 shape, batch 32 × 20
 GPT2_EAP_SHAPES = [(13, 1), (12, 1), (145, 38), (132, 37), (119, 37), (106, 37), (93, 37), (80, 37), (67, 37),
@@ -54,18 +53,9 @@ def faults(model, rounds: int, n: int = 64, batch: int = 32, seq: int = 20) -> N
     corrupted = torch.randint(0, model.cfg.d_vocab, (n, seq), generator=gen)
     data = tep.paired_data(clean, corrupted, positions="last")
 
-    def frozen():
-        with frozen_parameters(model):
-            for s in range(0, n, batch):
-                residual_grad_step(model, clean[s : s + batch])()
-
-    def plain():
-        for s in range(0, n, batch):
-            model.zero_grad(set_to_none=True)
-            model(clean[s : s + batch])[:, -1].log_softmax(-1).mean().backward()
-
-    steps = {"frozen": frozen, "training step": plain, "tep.eap call": lambda: eap(model, data, batch_size=batch,
-                                                                                     progress=False)}
+    steps = {"frozen": over_batches(residual_grad_step, model, clean, batch, frozen=True),
+             "training step": over_batches(plain_step, model, clean, batch),
+             "tep.eap call": lambda: eap(model, data, batch_size=batch, progress=False)}
     for r in range(rounds):
         for name, step in steps.items():
             f0, t0 = minor_fault_bytes(), time.perf_counter()

@@ -6,8 +6,8 @@ Frozen (the honest floor: Edge Pruning never needs weight gradients): the model'
 its final norm and unembedding at the last position only (all a loss there reads), backward through the activations
 only (from the embeddings on), no per-head split. Also timed, for comparison with the fifteenth session and before:
 the same through model(tokens), which unembeds every position (1.48x the time on the GPT-2 shape in the sixteenth
-session's run, so ratios against it flattered us). Plain: the frozen step with backward into the model's parameters (a training step),
-which flatters a ratio.
+session's run, so ratios against it flattered us). Plain: the frozen step with backward into the model's
+parameters (a training step), which flatters a ratio.
 Edge Pruning step, core: sample hard-concrete edge and node masks, masked forward (interchange ablation,
 ỹ and the full model's logits precomputed for the batch), KL + Lagrangian sparsity terms, backward into the
 masks (weights frozen), gradient clipping, AdamW. This is what auto-circuit's learned-mask step does too
@@ -28,6 +28,7 @@ tensors (common.FOLLOW_LIVE).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -104,6 +105,17 @@ def residual_grad_step(model, clean, every_position: bool = False):
             loss_of(logits_of(model, clean, every_position)).backward()
 
     return step
+
+
+def over_batches(make_step, model, tokens, batch: int, frozen: bool = False, **options):
+    """One ``make_step(model, batch_tokens, **options)`` (residual_grad_step or plain_step) per batch of ``tokens``,
+    the weights frozen around them if ``frozen``: the baselines of a method call that runs several batches."""
+    def run():
+        with frozen_parameters(model) if frozen else contextlib.nullcontext():
+            for start in range(0, len(tokens), batch):
+                make_step(model, tokens[start : start + batch], **options)()
+
+    return run
 
 
 def plain_step_beside(mm, model, clean):

@@ -27,8 +27,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 import tl_edgeprune as tep  # noqa: E402
 from benchmarks.common import NO_MMAP, allocator_env, fmt_stats, gpt2_small_model, timed_interleaved  # noqa: E402
-from benchmarks.engine import plain_step, residual_grad_step  # noqa: E402
-from tl_edgeprune.edge_pruning import frozen_parameters  # noqa: E402
+from benchmarks.engine import over_batches, plain_step, residual_grad_step  # noqa: E402
 from tl_edgeprune.eap import eap  # noqa: E402
 
 
@@ -43,18 +42,11 @@ def eap_ratio(repeats: int, n: int = 64, batch: int = 32, seq: int = 20) -> None
     corrupted = torch.randint(0, model.cfg.d_vocab, (n, seq), generator=gen)
     data = tep.paired_data(clean, corrupted, positions="last")
 
-    def plain():
-        for start in range(0, n, batch):
-            plain_step(model, clean[start : start + batch])()
-
-    def frozen(every_position: bool = False):
-        """The floor: weights frozen, backward through the activations from the embeddings on, the last position
-        unembedded (``every_position``: model(tokens), the fifteenth session's floor)."""
-        with frozen_parameters(model):
-            for start in range(0, n, batch):
-                residual_grad_step(model, clean[start : start + batch], every_position)()
-
-    steps = {"frozen": frozen, "frozen_every": lambda: frozen(every_position=True), "plain": plain,
+    # the floor (weights frozen, the last position unembedded), the fifteenth session's floor (model(tokens),
+    # every position unembedded) and a training step, each over the same batches as the EAP call
+    steps = {"frozen": over_batches(residual_grad_step, model, clean, batch, frozen=True),
+             "frozen_every": over_batches(residual_grad_step, model, clean, batch, frozen=True, every_position=True),
+             "plain": over_batches(plain_step, model, clean, batch),
              "eap": lambda: eap(model, data, batch_size=batch, progress=False),
              "eap_ig": lambda: eap(model, data, batch_size=batch, progress=False, ig_steps=IG_STEPS)}
     t = timed_interleaved(steps, repeats)

@@ -431,11 +431,16 @@ def edge_pruning(
             generator_state = gen.get_state()  # before this step's sample: a failure dump resumes this very step
             batch, shard, rows = batch_at(step)
             cf, full = per_example(batch, shard, rows)  # ỹ and the target (the unmasked model's logits)
-            z = edge_gates.sample(gen) * trainable_f
-            nodes = node_gates.sample(gen) if node_gates is not None else None
+            z, passes = edge_gates.sample_with_support(gen)
+            z, support = z * trainable_f, passes & (trainable_f > 0)
+            nodes = None
+            if node_gates is not None:  # a node's gradient reads every edge out of it
+                nodes, node_passes = node_gates.sample_with_support(gen)
+                support = support | node_passes[:, None]
             logits = mm(batch.clean, cf, z, nodes, attention_mask=batch.attention_mask,
                         logits_at=batch.positions if scored_only else None,
-                        position_classes=mm.position_classes_of(batch), gathered=scored_only)
+                        position_classes=mm.position_classes_of(batch), gathered=scored_only,
+                        grad_support=support)
             obj = objective(logits, full, batch)
             if cfg.sparsity_from == "sampled":
                 sparsity = 1 - z.sum() / graph.n_edges

@@ -244,6 +244,7 @@ class MaskedModel:
         position_classes: Int[torch.Tensor, "batch pos"] | None = None,
         start: LayerStart | None = None,
         gathered: bool = False,
+        grad_support: Bool[torch.Tensor, "writer reader"] | None = None,
     ) -> Float[torch.Tensor, "batch pos vocab"] | Float[torch.Tensor, "scored vocab"]:
         """Logits of the masked forward. Masks: float (gradients flow) or bool; None means all ones.
 
@@ -259,6 +260,10 @@ class MaskedModel:
         ``start`` (``mm.clean_starts(tokens).at(l)``; without gradients): run layers l.. only, the writers before l
         taken from the clean run, for masks that remove no edge into a reader before layer l (ACDC's candidates).
         Where the model cannot start at a layer (``starts_at_layer``: a TransformerBridge), the whole model runs.
+        ``grad_support`` (bool, the masks' shape): the entries whose gradient the caller reads (``edge_pruning``:
+        the hard-concrete samples its clamp passes a gradient through); the masks' gradient GEMM then runs only
+        over the readers (and writers) holding one, and the gradient is 0 at every other entry. Ordinary graphs
+        only (a positional graph computes it everywhere).
         """
         self._require_active()
         self._check_hooks_unchanged()
@@ -279,6 +284,13 @@ class MaskedModel:
         counterfactual.check_unspent()
         counterfactual.check_fits(*tokens.shape)
         removal = self.removal_matrix(edge_mask, node_mask)
+        if grad_support is not None:
+            grad_support = _check_mask(grad_support, self.graph.shape, "grad_support", self.device)
+            if grad_support.dtype != torch.bool:
+                raise EdgePruneError(f"grad_support must be a bool tensor (where the masks' gradient is read), "
+                                     f"got {grad_support.dtype}")
+            if self.graph.positional or layout is not None:
+                grad_support = None
         cf = counterfactual.values
         if cf is not None:
             cf = cf.to(device=self.device, dtype=removal.dtype)
@@ -299,7 +311,7 @@ class MaskedModel:
             if cf is not None and cf.is_contiguous() and cf.shape[1:3] == tokens.shape:
                 in_place = cf
         run = Mix(len(self.graph.writer_chunks), removal, cf, layout=layout, logits_at=logits_at, start=begin,
-                  in_place=in_place, fixed=fixed, gathered=gathered)
+                  in_place=in_place, fixed=fixed, gathered=gathered, grad_support=grad_support)
         return self._execute(run, tokens, attention_mask)
 
     def starts_at_layer(self, attention_mask: torch.Tensor | None = None) -> bool:
@@ -898,9 +910,11 @@ class MaskedModel:
             group = self.graph.reader_groups[group_index]
             coef = self._coef(run, window.prefix, group.n_writers, group.start, group.stop)
             offset = window.offsets[window.groups.index(group_index)]
+            support = None if run.grad_support is None else run.grad_support[window.prefix:group.n_writers,
+                                                                               group.start:group.stop]
             run.mixes[group_index] = list(
                 mix_rest(coef, run.window_tokens[window.index], run.buffer, window, offset, group.n_writers,
-                         self._part_sizes(group), self._tokens(run, group, window.prefix))
+                         self._part_sizes(group), self._tokens(run, group, window.prefix), support)
             )
         return run.mixes[group_index]
 
@@ -911,8 +925,10 @@ class MaskedModel:
         coef = self._coef(run, 0, window.prefix, groups[0].start, groups[-1].stop)
         leading = [(g, group) for g, group in zip(window.groups, groups) if group.n_writers == window.prefix]
         sizes = [size for _, group in leading for size in self._part_sizes(group)]
+        support = None if run.grad_support is None else run.grad_support[:window.prefix,
+                                                                           groups[0].start:groups[-1].stop]
         parts, run.window_tokens[window.index] = mix_window(coef, run.buffer, window, sizes,
-                                                            self._tokens(run, groups[0], 0))
+                                                            self._tokens(run, groups[0], 0), support)
         # the groups that will read these products: not those before a start layer, nor those formed directly
         runs = [group for g, group in zip(window.groups, groups)
                 if (run.start is None or group.layer >= run.start.layer) and g not in run.direct]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Bool, Float
 from torch import nn
 
 LEFT, RIGHT, BETA, EPS = -0.1, 1.1, 2.0 / 3.0, 1e-6
@@ -27,10 +27,18 @@ class HardConcrete(nn.Module):
 
     def sample(self, generator: torch.Generator | None = None) -> Float[torch.Tensor, "..."]:
         """One stochastic sample (shared over the batch), differentiable in log α."""
+        return self.sample_with_support(generator)[0]
+
+    def sample_with_support(self, generator: torch.Generator | None = None
+                            ) -> tuple[Float[torch.Tensor, "..."], Bool[torch.Tensor, "..."]]:
+        """A sample and where it passes a gradient to log α: a sample clamped at 0 or 1 passes none, so the
+        gradient with respect to it there need not be computed (torch's clamp passes it at the ends themselves)."""
         u = torch.rand(self.log_alpha.shape, generator=generator, dtype=self.log_alpha.dtype)
         u = u.to(self.log_alpha.device).clamp(EPS, 1 - EPS)
         s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + self.log_alpha) / BETA)
-        return (s * (RIGHT - LEFT) + LEFT).clamp(0.0, 1.0)
+        stretched = s * (RIGHT - LEFT) + LEFT
+        passes = (stretched >= 0.0) & (stretched <= 1.0)
+        return stretched.clamp(0.0, 1.0), passes
 
     def prob_nonzero(self) -> Float[torch.Tensor, "..."]:
         """P(z > 0): the expected L0 contribution of each gate."""

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Bool, Float
 from torch.autograd import Function
 
 
@@ -376,7 +376,7 @@ class _MixWindow(Function):
     window's later groups take, so this backward runs after theirs and finds their gradients gathered."""
 
     @staticmethod
-    def forward(ctx, coef, buffer: DeltaBuffer, window: Window, split_sizes: tuple[int, ...], *tokens):
+    def forward(ctx, coef, buffer: DeltaBuffer, window: Window, split_sizes: tuple[int, ...], support, *tokens):
         products = buffer.window_products(window.index, window.n_readers)
         if buffer.coef_zero:
             products.zero_()
@@ -385,6 +385,7 @@ class _MixWindow(Function):
             buffer.products(coef, 0, window.prefix, products.view(window.n_readers, -1), accumulate=False)
         ctx.save_for_backward(coef)
         ctx.buffer, ctx.window, ctx.split_sizes, ctx.n_tokens = buffer, window, split_sizes, len(tokens)
+        ctx.support = support
         own = sum(split_sizes)
         return (*products[:own].split(split_sizes), coef.new_zeros(()))
 
@@ -400,11 +401,13 @@ class _MixWindow(Function):
             if offset >= own and offset not in filled:  # a later group whose readers sent no gradient
                 grad_out[offset:end].zero_()
         flat = grad_out.view(window.n_readers, -1)
-        grad_coef = _coef_grad(buffer, buffer.rows(0, window.prefix), flat, coef) if ctx.needs_input_grad[0] else None
-        if any(ctx.needs_input_grad[4:]) and not buffer.coef_zero:
+        grad_coef = None
+        if ctx.needs_input_grad[0]:
+            grad_coef = _coef_grad(buffer, buffer.rows(0, window.prefix), flat, coef, ctx.support)
+        if any(ctx.needs_input_grad[5:]) and not buffer.coef_zero:
             buffer.accumulate_grad(0, window.prefix, coef, flat)
         buffer.scratch_read(window.index)
-        return (grad_coef, None, None, None, *(coef.new_zeros(()) for _ in range(ctx.n_tokens)))
+        return (grad_coef, None, None, None, None, *(coef.new_zeros(()) for _ in range(ctx.n_tokens)))
 
 
 class _MixRest(Function):
@@ -413,7 +416,7 @@ class _MixRest(Function):
 
     @staticmethod
     def forward(ctx, coef, window_token, buffer: DeltaBuffer, window: Window, offset: int, stop: int,
-                split_sizes: tuple[int, ...], *tokens):
+                split_sizes: tuple[int, ...], support, *tokens):
         n_out = coef.shape[-1]
         products = buffer.window_products(window.index, window.n_readers)[offset : offset + n_out]
         if stop > window.prefix and not buffer.coef_zero:
@@ -423,7 +426,7 @@ class _MixRest(Function):
                 buffer.products(coef, window.prefix, stop, out, accumulate=True)
         ctx.save_for_backward(coef)
         ctx.buffer, ctx.window, ctx.offset, ctx.stop = buffer, window, offset, stop
-        ctx.split_sizes, ctx.n_tokens = split_sizes, len(tokens)
+        ctx.split_sizes, ctx.n_tokens, ctx.support = split_sizes, len(tokens), support
         return products.split(split_sizes)
 
     @staticmethod
@@ -436,18 +439,22 @@ class _MixRest(Function):
         flat = grad_out.view(n_out, -1)
         grad_coef = None
         if ctx.needs_input_grad[0]:
-            grad_coef = _coef_grad(buffer, buffer.rows(window.prefix, ctx.stop), flat, coef)
-        if any(ctx.needs_input_grad[7:]) and not buffer.coef_zero:
+            grad_coef = _coef_grad(buffer, buffer.rows(window.prefix, ctx.stop), flat, coef, ctx.support)
+        if any(ctx.needs_input_grad[8:]) and not buffer.coef_zero:
             buffer.accumulate_grad(window.prefix, ctx.stop, coef, flat)
         window_token_grad = coef.new_zeros(()) if ctx.needs_input_grad[1] else None
-        return (grad_coef, window_token_grad, None, None, None, None, None,
+        return (grad_coef, window_token_grad, None, None, None, None, None, None,
                 *(coef.new_zeros(()) for _ in range(ctx.n_tokens)))
 
 
-def _coef_grad(buffer: DeltaBuffer, rows: torch.Tensor, flat: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
-    """∂/∂coef[c] = delta[:, class c's columns] · grad_out[:, the same]ᵀ, per class (0 for a class absent here)."""
+def _coef_grad(buffer: DeltaBuffer, rows: torch.Tensor, flat: torch.Tensor, coef: torch.Tensor,
+               support: torch.Tensor | None = None) -> torch.Tensor:
+    """∂/∂coef[c] = delta[:, class c's columns] · grad_out[:, the same]ᵀ, per class (0 for a class absent here);
+    with ``support`` ([writer, reader], one class), only where it holds (0 elsewhere)."""
     segments = buffer.column_segments()
     if len(segments) == 1 and coef.shape[0] == 1:
+        if support is not None:
+            return _supported_row_dots(rows, flat, support).unsqueeze(0)
         return _row_dots(rows, flat).unsqueeze(0)
     grad = coef.new_zeros(coef.shape)
     for c, a, b in segments:
@@ -461,6 +468,25 @@ def _row_dots(rows: Float[torch.Tensor, "writer n"], flat: Float[torch.Tensor, "
     if rows.device.type == "cpu" and rows.shape[0] > flat.shape[0]:
         return flat.mm(rows.t()).t()
     return rows.mm(flat.t())
+
+
+def _supported_row_dots(rows: Float[torch.Tensor, "writer n"], flat: Float[torch.Tensor, "reader n"],
+                        support: Bool[torch.Tensor, "writer reader"]) -> torch.Tensor:
+    """rows·flatᵀ where ``support`` holds, 0 elsewhere. In a real run most samples are clamped and those that are
+    not sit on few writers (docs/performance.md): one GEMM over the span of readers holding an entry and the
+    writers holding one, gathered when that drops a quarter of the rows (a row's copy costs a few of its dots)."""
+    out = rows.new_zeros((rows.shape[0], flat.shape[0]))
+    readers = support.any(0).nonzero().flatten()
+    if readers.numel() == 0:
+        return out
+    r0, r1 = int(readers[0]), int(readers[-1]) + 1
+    writers = support[:, r0:r1].any(1).nonzero().flatten()
+    if writers.numel() <= 0.75 * rows.shape[0]:
+        out[writers, r0:r1] = _row_dots(rows.index_select(0, writers), flat[r0:r1])
+    else:
+        w0, w1 = int(writers[0]), int(writers[-1]) + 1
+        out[w0:w1, r0:r1] = _row_dots(rows[w0:w1], flat[r0:r1])
+    return out.masked_fill_(~support, 0)
 
 
 def write(y: torch.Tensor, counterfactual: torch.Tensor | None, buffer: DeltaBuffer, start: int, stop: int):
@@ -511,15 +537,18 @@ class _WriteHeads(Function):
 
 
 def mix_window(coef: torch.Tensor, buffer: DeltaBuffer, window: Window, split_sizes: Sequence[int],
-               tokens: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
+               tokens: list[torch.Tensor], support: torch.Tensor | None = None
+               ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """``Σ_{j < prefix} coef[c(p), j, r]·delta_j`` for every reader of the window (``coef``: [class, writer,
     reader]; one class for the ordinary graph). Returns the parts (one
-    [reader, batch, pos, d_model] per split) of the groups that read only the prefix, and the window token."""
-    *parts, token = _MixWindow.apply(coef, buffer, window, tuple(split_sizes), *tokens)
+    [reader, batch, pos, d_model] per split) of the groups that read only the prefix, and the window token.
+    ``support`` ([writer, reader] bool): where the coefficients' gradient is read (None: everywhere)."""
+    *parts, token = _MixWindow.apply(coef, buffer, window, tuple(split_sizes), support, *tokens)
     return parts, token
 
 
 def mix_rest(coef: torch.Tensor, window_token: torch.Tensor, buffer: DeltaBuffer, window: Window, offset: int,
-             stop: int, split_sizes: Sequence[int], tokens: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+             stop: int, split_sizes: Sequence[int], tokens: list[torch.Tensor],
+             support: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
     """A later group's readers: the window's product at ``offset`` plus ``Σ_{prefix <= j < stop} coef·delta_j``."""
-    return _MixRest.apply(coef, window_token, buffer, window, offset, stop, tuple(split_sizes), *tokens)
+    return _MixRest.apply(coef, window_token, buffer, window, offset, stop, tuple(split_sizes), support, *tokens)

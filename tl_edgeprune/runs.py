@@ -49,16 +49,19 @@ class Mix(Forward):
 
     ``removal``: [writer, reader], (1 − z) on valid edges; ``cf_values``: ỹ (None: zero ablation);
     ``in_place``: a single-use ỹ the deltas overwrite; ``fixed``: deltas given from outside (EAP-IG), so the
-    writers' outputs are not read; ``layout``: a positional graph's positions sorted by class."""
+    writers' outputs are not read; ``layout``: a positional graph's positions sorted by class;
+    ``grad_support``: where the masks' gradient is read (its GEMM skips the rest)."""
 
     def __init__(self, n_chunks: int, removal: torch.Tensor, cf_values: torch.Tensor | None, *,
                  layout: PositionLayout | None = None, logits_at: torch.Tensor | None = None,
                  start: LayerStart | None = None, in_place: torch.Tensor | None = None,
-                 fixed: DeltaBuffer | None = None, gathered: bool = False):
+                 fixed: DeltaBuffer | None = None, gathered: bool = False,
+                 grad_support: torch.Tensor | None = None):
         super().__init__(n_chunks)
         self.removal, self.cf_values = removal, cf_values
         self.layout, self.logits_at, self.start, self.in_place = layout, logits_at, start, in_place
         self.gathered = gathered
+        self.grad_support = grad_support  # [writer, reader] bool: where the masks' gradient is read (None: all)
         # Every mask 1 (EAP): the mixing's products are exactly 0 (a meta tensor has no values to look at).
         self.removes_nothing = removal.device.type != "meta" and not bool(removal.detach().any())
         self.fixed = fixed is not None

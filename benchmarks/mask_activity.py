@@ -1,0 +1,120 @@
+"""How much of the masks' gradient a real Edge Pruning run reads: the room a clamp-aware mask gradient has.
+
+    python benchmarks/mask_activity.py [--steps 150] [--out benchmarks/results/mask_activity_smollm2_ioi.json]
+
+A hard-concrete sample clamped at 0 or 1 passes no gradient to its log α, so the entries of the masks' gradient
+GEMM (``∂metric/∂z``, one dot over batch·pos·d_model per edge) at clamped samples are computed and thrown away.
+This runs the documented real-model recipe (SmolLM2-135M, IOI, Edge Pruning from EAP-IG's top 5 % at ±3, target
+0.95, the cached EAP-IG scores of ``real_circuits.py``, node masks on as by default) and records, every step, the
+share of edges whose gradient is read (the edge's sample, or its writer's node sample, passes one), and the share of the GEMM's work left when each reader group computes only the rows (writers)
+and columns (readers) that hold such an edge. Needs the SmolLM2 install of ``benchmarks/smollm2.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import tl_edgeprune as tep  # noqa: E402
+from tl_edgeprune import hard_concrete, tasks  # noqa: E402
+from tl_edgeprune.hap import attribution_init  # noqa: E402
+from tl_edgeprune.mixing import plan_windows  # noqa: E402
+
+from benchmarks.smollm2 import load_smollm2  # noqa: E402
+
+
+def activity(graph: tep.Graph, passes: torch.Tensor) -> dict[str, float]:
+    """Share of valid edges whose sample passes a gradient, and of the per-group GEMM work (writers × readers ×
+    batch·pos·d_model) left when a group computes only the writers and readers that hold one."""
+    valid = graph.valid_mask()
+    active = passes & valid
+    full = left = 0
+    for group in graph.reader_groups:
+        block = active[: group.n_writers, group.start : group.stop]
+        full += group.n_writers * (group.stop - group.start)
+        left += int(block.any(1).sum()) * int(block.any(0).sum())
+    # as the engine mixes: each window's prefix of writers for all its readers in one GEMM (the rest is small)
+    groups = graph.reader_groups
+    windows = plan_windows([g.n_writers for g in groups], [g.stop - g.start for g in groups])
+    window_full = window_left = 0
+    for w in windows:
+        block = active[: w.prefix, groups[w.groups[0]].start : groups[w.groups[-1]].stop]
+        window_full += block.numel()
+        window_left += int(block.any(1).sum()) * int(block.any(0).sum())
+    return {"edges": float(active.sum()) / float(valid.sum()), "gemm_work": left / full,
+            "window_work": window_left / window_full, "readers": float(active.any(0).sum()) / graph.n_readers}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--target", type=float, default=0.95)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--snapshots", default="25,75,125",
+                   help="steps whose log α (before the step) go to --out's .pt twin, for benchmarks/engine.py --log-alpha")
+    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "mask_activity_smollm2_ioi.json"))
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model, tok = load_smollm2()
+    data = tasks.ioi(tok, n=160, seed=0, prepend_bos=False).data
+    train = data.select(slice(0, 96))
+    graph = tep.Graph.from_model(model)
+    cached = os.path.join(os.path.dirname(__file__), "results", "smollm2", "scores_ioi_eap-ig_n160_train96.pt")
+    saved = torch.load(cached, weights_only=True)
+    scores = tep.EdgeScores(graph, saved["scores"], saved["method"], saved["seconds"], saved["model"])
+    init = attribution_init(scores, keep=0.05, high=3.0, low=-3.0)
+
+    rows: list[dict[str, float]] = []
+    sample = hard_concrete.HardConcrete.sample_with_support
+
+    edge_passes: list[torch.Tensor] = []
+    keep_at = {int(s) for s in args.snapshots.split(",") if s}
+    valid = graph.valid_mask()
+    snapshots: dict[int, dict[str, torch.Tensor]] = {}
+
+    def recording(self, generator=None):  # edge gates are sampled first, then node gates, every step
+        z, passes = sample(self, generator)
+        if tuple(z.shape) == graph.shape:
+            edge_passes.append(passes)
+            if len(rows) in keep_at:
+                snapshots[len(rows)] = {"edges": self.log_alpha.detach()[valid].clone()}
+        else:  # what edge_pruning passes the engine: a node's gradient reads every edge out of it
+            if len(rows) in keep_at:
+                snapshots[len(rows)]["nodes"] = self.log_alpha.detach().clone()
+            rows.append(activity(graph, edge_passes.pop() | passes[:, None]))
+        return z, passes
+
+    hard_concrete.HardConcrete.sample_with_support = recording
+    t0 = time.perf_counter()
+    try:
+        res = tep.edge_pruning(model, train, args.target, steps=args.steps, sparsity_warmup=int(0.8 * args.steps),
+                               lr_warmup=min(200, args.steps // 10), lr=0.8, lambda_lr=0.8, batch_size=16,
+                               init_log_alpha=init, start_sparsity=min(args.target, 0.95), seed=0, progress=False)
+    finally:
+        hard_concrete.HardConcrete.sample_with_support = sample
+    seconds = time.perf_counter() - t0
+    for i in range(0, len(rows), max(1, len(rows) // 15)):
+        r = rows[i]
+        print(f"step {i:4d}: edges passing a gradient {r['edges']:.4f}, readers holding one {r['readers']:.3f}, "
+              f"GEMM work left {r['gemm_work']:.3f} per group, {r['window_work']:.3f} per window", flush=True)
+    mean = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
+    print(f"mean over {len(rows)} steps: edges {mean['edges']:.4f}, readers {mean['readers']:.3f}, "
+          f"GEMM work left {mean['gemm_work']:.3f} per group, {mean['window_work']:.3f} per window; run {seconds:.0f} s at {torch.get_num_threads()} thread(s); "
+          f"circuit sparsity {res.history['circuit_sparsity'][-1]:.4f}")
+    with open(args.out, "w") as f:
+        json.dump({"steps": rows, "mean": mean, "seconds": seconds, "threads": torch.get_num_threads(),
+                   "recipe": "SmolLM2 IOI, EAP-IG top 5% at +-3, target 0.95, lr 0.8, batch 16"}, f)
+    if snapshots:  # the valid entries of the edge log α (graph.valid_mask() order), in float16 to keep the file small
+        torch.save({step: {"edges": snap["edges"].half(), "nodes": snap["nodes"].half()}
+                    for step, snap in snapshots.items()}, os.path.splitext(args.out)[0] + "_log_alpha.pt")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,6 +1,7 @@
 """Masked Edge Pruning step ÷ the frozen forward+backward, and ÷ a training step, of the same model (time, memory).
 
     python benchmarks/engine.py [--model gpt2-shape|smollm2] [--batch 32] [--seq 20] [--repeats 5] [--memory]
+        [--log-alpha benchmarks/results/mask_activity_smollm2_ioi_log_alpha.pt]   # with --model smollm2
 
 Frozen (the honest floor: Edge Pruning never needs weight gradients): the model's blocks with the weights frozen,
 its final norm and unembedding at the last position only (all a loss there reads), backward through the activations
@@ -10,8 +11,10 @@ session's run, so ratios against it flattered us). Plain: the frozen step with b
 parameters (a training step), which flatters a ratio.
 Edge Pruning step, core: sample hard-concrete edge and node masks, masked forward (interchange ablation,
 ỹ and the full model's logits precomputed for the batch), KL + Lagrangian sparsity terms, backward into the
-masks (weights frozen), gradient clipping, AdamW. This is what auto-circuit's learned-mask step does too
-(benchmarks/peers.py). Edge Pruning step, real loop: the median per-step time of ``tep.edge_pruning`` itself,
+masks (weights frozen), gradient clipping, AdamW, every mask entry's gradient computed (the loop computes only
+the unclamped samples' ones: at the reference start, log α = 10, almost none, timed too; with ``--log-alpha`` at
+a real run's masks, beside the same step computing every gradient). This is what auto-circuit's learned-mask step
+does too (benchmarks/peers.py). Edge Pruning step, real loop: the median per-step time of ``tep.edge_pruning`` itself,
 which also runs the corrupted forward (ỹ) and the full model's forward (target) of every batch it has not seen
 (``cache_gib=0``: every step, as in a first epoch or a dataset too big to cache), or gathers them from its
 per-example cache (later epochs, the default when the dataset fits).
@@ -149,12 +152,16 @@ def frozen_step_beside(mm, model, clean, every_position: bool = False):
 
 
 def edge_pruning_step(mm, clean, corrupted, target_sparsity: float = 0.5, per_step_counterfactual: bool = False,
-                      position_classes=None):
+                      position_classes=None, support: bool = False, log_alpha: dict | None = None):
     """One core Edge Pruning step, from the library's own pieces (as in tl_edgeprune/edge_pruning.py).
 
     ``per_step_counterfactual``: compute ỹ (single use, as the loop does) and the target inside the step, so a
     memory measurement of the step counts them. ``position_classes``: [batch, pos] class indices, for a MaskedModel
-    of a positional graph."""
+    of a positional graph. ``support``: pass the engine the samples' gradient support, as the loop does (only the
+    unclamped samples' gradients are computed); off, every entry's is, the cost of any state where every reader and
+    writer holds an unclamped sample (and the step every session before the seventeenth timed). ``log_alpha``:
+    {"edges": [writer, reader], "nodes": [writer]} to start from (a real run's, ``real_log_alpha``); default the
+    reference start, log α = 10, where nearly every sample is clamped at 1."""
     graph = mm.graph
     data = paired_data(clean, corrupted, positions="last")
     cf = full = None
@@ -165,6 +172,10 @@ def edge_pruning_step(mm, clean, corrupted, target_sparsity: float = 0.5, per_st
             full = mm.full_logits(clean, at=at, gathered=True)
     gen = torch.Generator().manual_seed(0)
     edges, nodes = HardConcrete(graph.shape, gen), HardConcrete((graph.n_writers,), gen)
+    if log_alpha is not None:
+        with torch.no_grad():
+            edges.log_alpha.copy_(log_alpha["edges"])
+            nodes.log_alpha.copy_(log_alpha["nodes"])
     lambdas = torch.nn.Parameter(torch.zeros(2))
     valid = graph.valid_mask().float()
     params = [edges.log_alpha, nodes.log_alpha, lambdas]
@@ -176,8 +187,11 @@ def edge_pruning_step(mm, clean, corrupted, target_sparsity: float = 0.5, per_st
             cf = mm.interchange(corrupted, single_use=True)
             with torch.no_grad():
                 full = mm.full_logits(clean, at=at, gathered=True)
-        z = edges.sample(gen) * valid
-        logits = mm(clean, cf, z, nodes.sample(gen), logits_at=at, position_classes=position_classes, gathered=True)
+        z, passes = edges.sample_with_support(gen)
+        node_z, node_passes = nodes.sample_with_support(gen)
+        grad_support = (passes & (valid > 0)) | node_passes[:, None] if support else None
+        logits = mm(clean, cf, z * valid, node_z, logits_at=at, position_classes=position_classes, gathered=True,
+                    grad_support=grad_support)
         gap = 1 - (edges.prob_nonzero() * valid).sum() / graph.n_edges - target_sparsity
         loss = kl_on_rows(logits, full, data) + lambdas[0] * gap + lambdas[1] * gap**2
         optimizer.zero_grad(set_to_none=True)
@@ -187,6 +201,20 @@ def edge_pruning_step(mm, clean, corrupted, target_sparsity: float = 0.5, per_st
         optimizer.step()
 
     return step
+
+
+def real_log_alpha(path: str, graph) -> dict[int, dict[str, torch.Tensor]]:
+    """A real run's log α at a few steps (benchmarks/mask_activity.py's ``_log_alpha.pt``), as full tensors."""
+    saved = torch.load(path, weights_only=True)
+    valid = graph.valid_mask()
+    out = {}
+    for step, snap in sorted(saved.items()):
+        edges = torch.full(graph.shape, -100.0)
+        if snap["edges"].numel() != int(valid.sum()):
+            raise SystemExit(f"{path} holds {snap['edges'].numel()} edges, this graph {int(valid.sum())}: another model")
+        edges[valid] = snap["edges"].float()
+        out[step] = {"edges": edges, "nodes": snap["nodes"].float()}
+    return out
 
 
 def recomputing(mm, step):
@@ -246,9 +274,23 @@ def measure(args) -> dict:
         steps = {"frozen": frozen_step_beside(mm, model, clean),
                  "frozen_every": frozen_step_beside(mm, model, clean, every_position=True),
                  "plain": plain_step_beside(mm, model, clean), "ep_step": edge_pruning_step(mm, clean, corrupted),
-                 "ep_step_recompute": recomputing(mm, edge_pruning_step(mm, clean, corrupted))}
+                 "ep_step_recompute": recomputing(mm, edge_pruning_step(mm, clean, corrupted)),
+                 "ep_step_start": edge_pruning_step(mm, clean, corrupted, support=True)}
+        real = real_log_alpha(args.log_alpha, mm.graph) if args.log_alpha else {}
+        for k, log_alpha in real.items():  # the loop's step (support on) and every gradient computed, same masks
+            steps[f"ep_real{k}"] = edge_pruning_step(mm, clean, corrupted, support=True, log_alpha=log_alpha)
+            steps[f"ep_real{k}_dense"] = edge_pruning_step(mm, clean, corrupted, log_alpha=log_alpha)
         pair = timed_interleaved(steps, args.repeats)
         settled = timed_interleaved(steps, args.repeats, settle=1)
+    out["real_steps"] = sorted(real)
+    for k in real:
+        for kind, t in (("", pair), ("_settled", settled)):
+            out[f"ep_real{k}{kind}"] = t[f"ep_real{k}"]
+            out[f"ep_real{k}{kind}_frozen_ratio"] = t[f"ep_real{k}/frozen"]
+            out[f"ep_real{k}{kind}_dense_frozen_ratio"] = t[f"ep_real{k}_dense/frozen"]
+            out[f"ep_real{k}{kind}_support_ratio"] = t[f"ep_real{k}/ep_real{k}_dense"]
+    out["ep_step_start"], out["ep_step_start_frozen_ratio"] = pair["ep_step_start"], pair["ep_step_start/frozen"]
+    out["ep_step_start_settled_frozen_ratio"] = settled["ep_step_start/frozen"]
     out["frozen_every"], out["frozen_every_settled"] = pair["frozen_every"], settled["frozen_every"]
     out["ep_step_frozen_every_ratio"] = pair["ep_step/frozen_every"]
     out["ep_step_settled_frozen_every_ratio"] = settled["ep_step/frozen_every"]
@@ -300,6 +342,7 @@ def report(r: dict) -> None:
             ("frozen, every position unembedded", "frozen_every"),
             ("plain fwd+bwd (param grads)", "plain"),
             ("Edge Pruning step, core (fwd+bwd+AdamW)", "ep_step"),
+            ("the loop's step at the reference start", "ep_step_start"),
             ("the same, recompute_inputs=True", "ep_step_recompute"),
             ("plain, second of two in a row", "plain_settled"),
             ("Edge Pruning step, core, second of two", "ep_step_settled")]
@@ -314,6 +357,9 @@ def report(r: dict) -> None:
             print(f"{label:<42}: {fmt_stats(r[key])}")
     for key, label in (("ep_step_frozen_ratio", "Edge Pruning step, core / frozen fwd+bwd"),
                        ("ep_step_settled_frozen_ratio", "the same, each timed after one untimed run of itself"),
+                       ("ep_step_start_frozen_ratio", "the loop's step at the reference start (log α = 10: nearly "
+                        "every sample clamped at 1, so almost no mask gradient computed) / frozen fwd+bwd"),
+                       ("ep_step_start_settled_frozen_ratio", "the same, each timed after one untimed run of itself"),
                        ("ep_step_recompute_frozen_ratio", "Edge Pruning step, recompute_inputs=True / frozen fwd+bwd"),
                        ("ep_step_recompute_settled_frozen_ratio", "the same, each timed after one untimed run of itself"),
                        ("recompute_cost", "Edge Pruning step, recompute_inputs=True / default"),
@@ -328,6 +374,16 @@ def report(r: dict) -> None:
             q = r[key]
             print(f"RATIO {label}: {q['median']:.2f}x (median of {q['n']} interleaved rounds; min {q['min']:.2f}x, "
                   f"max {q['max']:.2f}x)")
+    for k in r.get("real_steps", []):
+        for kind, how in (("", ""), ("_settled", ", each timed after one untimed run of itself")):
+            for key, label in ((f"ep_real{k}{kind}_frozen_ratio", "the loop's step (only unclamped samples' gradients)"),
+                               (f"ep_real{k}{kind}_dense_frozen_ratio", "the step computing every gradient")):
+                q = r[key]
+                print(f"RATIO {label}, log α of step {k} of the real run / frozen fwd+bwd{how}: {q['median']:.2f}x "
+                      f"(median of {q['n']}; min {q['min']:.2f}x, max {q['max']:.2f}x)")
+            q = r[f"ep_real{k}{kind}_support_ratio"]
+            print(f"RATIO the loop's step / every gradient computed, log α of step {k}{how}: {q['median']:.2f}x "
+                  f"(median of {q['n']}; min {q['min']:.2f}x, max {q['max']:.2f}x)")
     if "frozen" in r:
         for label, key in block_rows:
             if key in r:
@@ -384,6 +440,9 @@ def main() -> None:
     ap.add_argument("--only-step", action="store_true", help="plain and core step only (for benchmarks/peers.py)")
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--memory", action="store_true", help="the peak-memory figures alone")
+    ap.add_argument("--log-alpha", default="",
+                    help="a real run's log α (benchmarks/mask_activity.py's _log_alpha.pt): also time the loop's step "
+                         "at each of its steps, beside the step computing every mask gradient")
     ap.add_argument("--memory-only", choices=["plain", "frozen", "frozen-every", "masked", "masked-recompute"],
                     help=argparse.SUPPRESS)
     args = ap.parse_args()

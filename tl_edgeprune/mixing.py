@@ -150,6 +150,16 @@ class DeltaBuffer:
         self._give_back(2, window)
         self.scratch_filled.pop(window, None)
 
+    def gathered_rows(self, rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """``rows[index]`` in the forward products' pooled storage (free in backward unless inputs are rebuilt,
+        then fresh): fresh storage of this size page-faults every step on CPU. Give it back with
+        ``gathered_read``; ask for at most a window's readers' rows at a time (the storage is that size)."""
+        store = self._borrow(3, "gathered", len(index)).view(len(index), -1)
+        return torch.index_select(rows, 0, index, out=store)
+
+    def gathered_read(self) -> None:
+        self._give_back(3, "gathered")
+
     def accumulate_grad(self, start: int, stop: int, coef: torch.Tensor, grad_out: torch.Tensor) -> None:
         """grad[start:stop] += coef[c]·grad_out over each class c's columns, assigning (not adding to zeros) rows no
         reader has reached yet. ``coef``: [class, stop − start, readers]."""
@@ -454,7 +464,7 @@ def _coef_grad(buffer: DeltaBuffer, rows: torch.Tensor, flat: torch.Tensor, coef
     segments = buffer.column_segments()
     if len(segments) == 1 and coef.shape[0] == 1:
         if support is not None:
-            return _supported_row_dots(rows, flat, support).unsqueeze(0)
+            return _supported_row_dots(buffer, rows, flat, support).unsqueeze(0)
         return _row_dots(rows, flat).unsqueeze(0)
     grad = coef.new_zeros(coef.shape)
     for c, a, b in segments:
@@ -470,8 +480,11 @@ def _row_dots(rows: Float[torch.Tensor, "writer n"], flat: Float[torch.Tensor, "
     return rows.mm(flat.t())
 
 
-def _supported_row_dots(rows: Float[torch.Tensor, "writer n"], flat: Float[torch.Tensor, "reader n"],
-                        support: Bool[torch.Tensor, "writer reader"]) -> torch.Tensor:
+GATHERED_ROWS = 64  # writers gathered at a time (plan_windows' default window holds 64 readers' products)
+
+
+def _supported_row_dots(buffer: DeltaBuffer, rows: Float[torch.Tensor, "writer n"],
+                        flat: Float[torch.Tensor, "reader n"], support: Bool[torch.Tensor, "writer reader"]) -> torch.Tensor:
     """rows·flatᵀ where ``support`` holds, 0 elsewhere. In a real run most samples are clamped and those that are
     not sit on few writers (docs/performance.md): one GEMM over the span of readers holding an entry and the
     writers holding one, gathered when that drops a quarter of the rows (a row's copy costs a few of its dots)."""
@@ -482,7 +495,9 @@ def _supported_row_dots(rows: Float[torch.Tensor, "writer n"], flat: Float[torch
     r0, r1 = int(readers[0]), int(readers[-1]) + 1
     writers = support[:, r0:r1].any(1).nonzero().flatten()
     if writers.numel() <= 0.75 * rows.shape[0]:
-        out[writers, r0:r1] = _row_dots(rows.index_select(0, writers), flat[r0:r1])
+        for chunk in writers.split(GATHERED_ROWS):  # the pooled storage's size: no more memory than the forward's
+            out[chunk, r0:r1] = _row_dots(buffer.gathered_rows(rows, chunk), flat[r0:r1])
+            buffer.gathered_read()
     else:
         w0, w1 = int(writers[0]), int(writers[-1]) + 1
         out[w0:w1, r0:r1] = _row_dots(rows[w0:w1], flat[r0:r1])

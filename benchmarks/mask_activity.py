@@ -1,6 +1,7 @@
 """How much of the masks' gradient a real Edge Pruning run reads: the room a clamp-aware mask gradient has.
 
     python benchmarks/mask_activity.py [--steps 150] [--out benchmarks/results/mask_activity_smollm2_ioi.json]
+    python benchmarks/mask_activity.py --ab 2 --steps 60      # whole runs with and without the support, timed
 
 A hard-concrete sample clamped at 0 or 1 passes no gradient to its log α, so the entries of the masks' gradient
 GEMM (``∂metric/∂z``, one dot over batch·pos·d_model per edge) at clamped samples are computed and thrown away.
@@ -16,8 +17,10 @@ masks. Needs the SmolLM2 install of ``benchmarks/smollm2.py``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import statistics
 import sys
 import time
 
@@ -27,6 +30,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import tl_edgeprune as tep  # noqa: E402
 from tl_edgeprune import hard_concrete, tasks  # noqa: E402
+from tl_edgeprune.engine import MaskedModel  # noqa: E402
 from tl_edgeprune.hap import attribution_init  # noqa: E402
 from tl_edgeprune.mixing import plan_windows  # noqa: E402
 
@@ -55,6 +59,39 @@ def activity(graph: tep.Graph, passes: torch.Tensor) -> dict[str, float]:
             "window_work": window_left / window_full, "readers": float(active.any(0).sum()) / graph.n_readers}
 
 
+@contextlib.contextmanager
+def every_gradient():
+    """The engine as before the seventeenth session: ``grad_support`` dropped, every mask gradient computed."""
+    call = MaskedModel.__call__
+    MaskedModel.__call__ = lambda self, *a, grad_support=None, **k: call(self, *a, **k)
+    try:
+        yield
+    finally:
+        MaskedModel.__call__ = call
+
+
+def ab_runs(run, args) -> None:
+    """Whole runs of the recipe with the support (the loop as it is) and without, alternating; per-step seconds
+    from the loop's callback (the first step, which fills the example cache, dropped), medians per arm."""
+    per_step: dict[str, list[list[float]]] = {"support": [], "every gradient": []}
+    for r in range(args.ab):
+        for arm in (("support", "every gradient") if r % 2 == 0 else ("every gradient", "support")):
+            stamps: list[float] = []
+            with every_gradient() if arm == "every gradient" else contextlib.nullcontext():
+                res = run(callback=lambda step, row: stamps.append(time.perf_counter()))
+            per_step[arm].append([b - a for a, b in zip(stamps, stamps[1:])])
+            print(f"round {r}, {arm}: {sum(per_step[arm][-1]):.0f} s for steps 1..{args.steps - 1}, circuit sparsity "
+                  f"{res.history['circuit_sparsity'][-1]:.4f}", flush=True)
+    half = (args.steps - 1) // 2
+    for label, lo, hi in (("every step", 0, None), ("first half", 0, half), ("second half", half, None)):
+        med = {arm: statistics.median([t for times in runs for t in times[lo:hi]]) for arm, runs in per_step.items()}
+        print(f"{label}: median step {med['support']:.3f} s with the support, {med['every gradient']:.3f} s computing "
+              f"every gradient: RATIO {med['support'] / med['every gradient']:.3f}x "
+              f"({args.ab} runs each, {torch.get_num_threads()} thread(s))")
+    totals = [sum(a) / sum(b) for a, b in zip(per_step["support"], per_step["every gradient"])]
+    print(f"RATIO whole runs, support / every gradient, per round: {', '.join(f'{t:.3f}x' for t in totals)}")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=150)
@@ -63,6 +100,9 @@ def main(argv=None) -> None:
     p.add_argument("--snapshots", default="25,75,125",
                    help="steps whose log α (before the step) go to --out's .pt twin, for benchmarks/engine.py --log-alpha")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "mask_activity_smollm2_ioi.json"))
+    p.add_argument("--ab", type=int, default=0, metavar="ROUNDS",
+                   help="instead: time ROUNDS pairs of whole runs, the loop as it is and with every mask gradient "
+                        "computed (grad_support dropped), alternating which goes first")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     model, tok = load_smollm2()
@@ -94,12 +134,19 @@ def main(argv=None) -> None:
             rows.append(activity(graph, edge_passes.pop() | passes[:, None]))
         return z, passes
 
+    def run(**extra):
+        return tep.edge_pruning(model, train, args.target, steps=args.steps, sparsity_warmup=int(0.8 * args.steps),
+                                lr_warmup=min(200, args.steps // 10), lr=0.8, lambda_lr=0.8, batch_size=16,
+                                init_log_alpha=init, start_sparsity=min(args.target, 0.95), seed=0, progress=False,
+                                **extra)
+
+    if args.ab:
+        ab_runs(run, args)
+        return
     hard_concrete.HardConcrete.sample_with_support = recording
     t0 = time.perf_counter()
     try:
-        res = tep.edge_pruning(model, train, args.target, steps=args.steps, sparsity_warmup=int(0.8 * args.steps),
-                               lr_warmup=min(200, args.steps // 10), lr=0.8, lambda_lr=0.8, batch_size=16,
-                               init_log_alpha=init, start_sparsity=min(args.target, 0.95), seed=0, progress=False)
+        res = run()
     finally:
         hard_concrete.HardConcrete.sample_with_support = sample
     seconds = time.perf_counter() - t0

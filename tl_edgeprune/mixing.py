@@ -481,20 +481,22 @@ def _row_dots(rows: Float[torch.Tensor, "writer n"], flat: Float[torch.Tensor, "
 
 
 GATHERED_ROWS = 64  # writers gathered at a time (plan_windows' default window holds 64 readers' products)
+GATHER_BELOW = 0.5  # gather the writers holding a support entry when they are at most this share of the rows
 
 
 def _supported_row_dots(buffer: DeltaBuffer, rows: Float[torch.Tensor, "writer n"],
                         flat: Float[torch.Tensor, "reader n"], support: Bool[torch.Tensor, "writer reader"]) -> torch.Tensor:
     """rows·flatᵀ where ``support`` holds, 0 elsewhere. In a real run most samples are clamped and those that are
     not sit on few writers (docs/performance.md): one GEMM over the span of readers holding an entry and the
-    writers holding one, gathered when that drops a quarter of the rows (a row's copy costs a few of its dots)."""
+    writers holding one, gathered when that halves the rows (on CPU a gathered GEMM costs ~1.6× a dot of the
+    full one, and a row's copy ~17 dots: keeping three quarters of the rows cost more than it saved)."""
     out = rows.new_zeros((rows.shape[0], flat.shape[0]))
     readers = support.any(0).nonzero().flatten()
     if readers.numel() == 0:
         return out
     r0, r1 = int(readers[0]), int(readers[-1]) + 1
     writers = support[:, r0:r1].any(1).nonzero().flatten()
-    if writers.numel() <= 0.75 * rows.shape[0]:
+    if writers.numel() <= GATHER_BELOW * rows.shape[0]:
         for chunk in writers.split(GATHERED_ROWS):  # the pooled storage's size: no more memory than the forward's
             out[chunk, r0:r1] = _row_dots(buffer.gathered_rows(rows, chunk), flat[r0:r1])
             buffer.gathered_read()

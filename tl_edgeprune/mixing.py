@@ -488,8 +488,8 @@ def _supported_row_dots(buffer: DeltaBuffer, rows: Float[torch.Tensor, "writer n
                         flat: Float[torch.Tensor, "reader n"], support: Bool[torch.Tensor, "writer reader"]) -> torch.Tensor:
     """rows·flatᵀ where ``support`` holds, 0 elsewhere. In a real run most samples are clamped and those that are
     not sit on few writers (docs/performance.md): one GEMM over the span of readers holding an entry and the
-    writers holding one, gathered when that halves the rows (on CPU a gathered GEMM costs ~1.6× a dot of the
-    full one, and a row's copy ~17 dots: keeping three quarters of the rows cost more than it saved)."""
+    writers holding one, gathered when that at least halves the rows (a gathered GEMM costs more per dot than the
+    full one, and a row's copy 10–17 dots: benchmarks/gather_cost.py breaks even at 54–76 % of the rows kept)."""
     out = rows.new_zeros((rows.shape[0], flat.shape[0]))
     readers = support.any(0).nonzero().flatten()
     if readers.numel() == 0:

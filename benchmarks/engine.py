@@ -46,7 +46,7 @@ from benchmarks.common import (FOLLOW_LIVE, allocator_env, fmt_stats, gpt2_small
 import tl_edgeprune as tep  # noqa: E402
 from tl_edgeprune.data import paired_data  # noqa: E402
 from tl_edgeprune.edge_pruning import frozen_parameters  # noqa: E402
-from tl_edgeprune.hard_concrete import HardConcrete  # noqa: E402
+from tl_edgeprune.hard_concrete import HardConcrete, gradient_support  # noqa: E402
 from tl_edgeprune.metrics import kl_on_rows  # noqa: E402
 
 
@@ -189,7 +189,7 @@ def edge_pruning_step(mm, clean, corrupted, target_sparsity: float = 0.5, per_st
                 full = mm.full_logits(clean, at=at, gathered=True)
         z, passes = edges.sample_with_support(gen)
         node_z, node_passes = nodes.sample_with_support(gen)
-        grad_support = (passes & (valid > 0)) | node_passes[:, None] if support else None
+        grad_support = gradient_support(passes, valid > 0, node_passes) if support else None
         logits = mm(clean, cf, z * valid, node_z, logits_at=at, position_classes=position_classes, gathered=True,
                     grad_support=grad_support)
         gap = 1 - (edges.prob_nonzero() * valid).sum() / graph.n_edges - target_sparsity

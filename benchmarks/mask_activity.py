@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import tl_edgeprune as tep  # noqa: E402
 from tl_edgeprune import hard_concrete, tasks  # noqa: E402
+from tl_edgeprune.hard_concrete import gradient_support  # noqa: E402
 from tl_edgeprune.engine import MaskedModel  # noqa: E402
 from tl_edgeprune.hap import attribution_init  # noqa: E402
 from tl_edgeprune.mixing import plan_windows  # noqa: E402
@@ -37,9 +38,10 @@ from tl_edgeprune.mixing import plan_windows  # noqa: E402
 from benchmarks.smollm2 import load_smollm2  # noqa: E402
 
 
-def activity(graph: tep.Graph, passes: torch.Tensor) -> dict[str, float]:
+def activity(graph: tep.Graph, windows, passes: torch.Tensor) -> dict[str, float]:
     """Share of valid edges whose sample passes a gradient, and of the per-group GEMM work (writers × readers ×
-    batch·pos·d_model) left when a group computes only the writers and readers that hold one."""
+    batch·pos·d_model) left when a group computes only the writers and readers that hold one (``windows``: the
+    engine's plan, ``mixing.plan_windows`` with its defaults)."""
     valid = graph.valid_mask()
     active = passes & valid
     full = left = 0
@@ -49,7 +51,6 @@ def activity(graph: tep.Graph, passes: torch.Tensor) -> dict[str, float]:
         left += int(block.any(1).sum()) * int(block.any(0).sum())
     # as the engine mixes: each window's prefix of writers for all its readers in one GEMM (the rest is small)
     groups = graph.reader_groups
-    windows = plan_windows([g.n_writers for g in groups], [g.stop - g.start for g in groups])
     window_full = window_left = 0
     for w in windows:
         block = active[: w.prefix, groups[w.groups[0]].start : groups[w.groups[-1]].stop]
@@ -115,6 +116,7 @@ def main(argv=None) -> None:
     init = attribution_init(scores, keep=0.05, high=3.0, low=-3.0)
 
     rows: list[dict[str, float]] = []
+    windows = plan_windows([g.n_writers for g in graph.reader_groups], [g.stop - g.start for g in graph.reader_groups])
     sample = hard_concrete.HardConcrete.sample_with_support
 
     edge_passes: list[torch.Tensor] = []
@@ -131,7 +133,7 @@ def main(argv=None) -> None:
         else:  # what edge_pruning passes the engine: a node's gradient reads every edge out of it
             if len(rows) in keep_at:
                 snapshots[len(rows)]["nodes"] = self.log_alpha.detach().clone()
-            rows.append(activity(graph, edge_passes.pop() | passes[:, None]))
+            rows.append(activity(graph, windows, gradient_support(edge_passes.pop(), valid, passes)))
         return z, passes
 
     def run(**extra):

@@ -27,7 +27,7 @@ from .errors import EdgePruneError
 from .example_cache import ExampleCache
 from .fingerprint import model_fingerprint, tensor_digest
 from .graph import Graph, GraphSpec, InputNodes
-from .hard_concrete import HardConcrete
+from .hard_concrete import HardConcrete, gradient_support
 from .metrics import ON_SCORED_ROWS, Objective, resolve_objective
 from .options import checked_options
 from .threads import torch_threads
@@ -432,11 +432,8 @@ def edge_pruning(
             batch, shard, rows = batch_at(step)
             cf, full = per_example(batch, shard, rows)  # ỹ and the target (the unmasked model's logits)
             z, passes = edge_gates.sample_with_support(gen)
-            z, support = z * trainable_f, passes & (trainable_f > 0)
-            nodes = None
-            if node_gates is not None:  # a node's gradient reads every edge out of it
-                nodes, node_passes = node_gates.sample_with_support(gen)
-                support = support | node_passes[:, None]
+            nodes, node_passes = node_gates.sample_with_support(gen) if node_gates is not None else (None, None)
+            z, support = z * trainable_f, gradient_support(passes, trainable_f > 0, node_passes)
             logits = mm(batch.clean, cf, z, nodes, attention_mask=batch.attention_mask,
                         logits_at=batch.positions if scored_only else None,
                         position_classes=mm.position_classes_of(batch), gathered=scored_only,

@@ -289,7 +289,7 @@ class MaskedModel:
             if grad_support.dtype != torch.bool:
                 raise EdgePruneError(f"grad_support must be a bool tensor (where the masks' gradient is read), "
                                      f"got {grad_support.dtype}")
-            if self.graph.positional or layout is not None:
+            if self.graph.positional:  # its GEMM is split by position class: computed everywhere
                 grad_support = None
         cf = counterfactual.values
         if cf is not None:

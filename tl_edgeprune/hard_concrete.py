@@ -60,3 +60,11 @@ class HardConcrete(nn.Module):
             if valid is not None:
                 soft = soft * valid.to(soft.dtype).to(soft.device)
             return soft
+
+
+def gradient_support(edge_passes: Bool[torch.Tensor, "writer reader"], trainable: Bool[torch.Tensor, "writer reader"],
+                     node_passes: Bool[torch.Tensor, " writer"] | None = None) -> Bool[torch.Tensor, "writer reader"]:
+    """Where a step reads the masks' gradient (the engine's ``grad_support``): the trainable edges whose sample
+    passes one, and every edge out of a node whose own sample does (a node's gradient reads them all)."""
+    support = edge_passes & trainable
+    return support if node_passes is None else support | node_passes[:, None]

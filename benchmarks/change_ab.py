@@ -25,13 +25,18 @@
   d_model-sized gradient the GEMM wrote (a row dot with x into a fresh tensor, a row sum, a scaling, two adds);
 - ``row-dots``: the masks' gradient GEMM as flat·rowsᵀ where a window has more writers than readers
   (mixing._row_dots), or, as before, always rows·flatᵀ;
+- ``sparse-grad-mixing``: a forward with gradients mixes the windows whose coefficients are mostly 0 or mostly −1
+  sparsely (mixing.SparseMixing, as forwards without gradients did), and their backward gives the deltas' gradient
+  the same way (DeltaBuffer.accumulate_planned), or, as before, every such forward takes the dense GEMMs. With
+  ``--log-alpha FILE`` (SmolLM2) the EP step is timed at each of a real run's saved masks, with the loop's gradient
+  support, instead of at the reference start (log α = 10, almost every sample 1);
 (``ln-folds``, the LayerNorm mean as one more GEMM column and its gradient as one more GEMM row, was measured at
 1.01x on the EP step and reverted: its switch lives at commit 5d49703. ``kept-inputs``, each head reader group's
 kept inputs formed in storage pooled with the delta buffer instead of a fresh tensor per step, was measured at
 1.00x on the EP step, with 67 MiB more peak memory, and reverted: its switch lives at commit 01f4bca.)
 
 Timed: the Edge Pruning core step (batch 32 × 20, as benchmarks/engine.py) and the frozen forward+backward; one
-EAP batch (tep.eap on 32 examples); an ACDC candidate from layer L/2 (96 × 16, 3.4 % kept after it, as
+EAP batch (tep.eap on the same batch); an ACDC candidate from layer L/2 (96 × 16, 3.4 % kept after it, as
 benchmarks/acdc_candidates.py) and a plain forward of the same data. "on" is the library's default. Each step
 runs once untimed right before its timed run (``--settle``), so it is timed in the allocator state its own kind
 of step leaves, as in a loop of it: without that, the first of each pair paid for the switch (a no-gradient
@@ -55,7 +60,7 @@ from tl_edgeprune.eap import eap  # noqa: E402
 from tl_edgeprune.edge_pruning import frozen_parameters  # noqa: E402
 
 from benchmarks.common import allocator_env, fmt_stats, timed_interleaved  # noqa: E402
-from benchmarks.engine import edge_pruning_step, load_model, make_batch, residual_grad_step  # noqa: E402
+from benchmarks.engine import edge_pruning_step, load_model, make_batch, real_log_alpha, residual_grad_step  # noqa: E402
 
 ON = {"on": True}
 
@@ -191,11 +196,23 @@ def switch_row_dots():
     mixing._row_dots = lambda rows, flat: original(rows, flat) if ON["on"] else rows.mm(flat.t())
 
 
+def switch_sparse_grad_mixing():
+    ensure = E.MaskedModel._ensure_buffer
+
+    def switchable(self, run, like, shape):
+        fresh = run.buffer is None
+        ensure(self, run, like, shape)
+        if fresh and not ON["on"] and torch.is_grad_enabled() and run.buffer is not None:
+            run.buffer.sparse = None  # off: the dense GEMMs, as every forward with gradients took them before
+
+    E.MaskedModel._ensure_buffer = switchable
+
+
 CHANGES = {"discarded-qkv": switch_discarded_qkv, "write-heads": switch_write_heads, "grad-into": switch_grad_into,
            "gathered-logits": switch_gathered_logits, "recompute-inputs": switch_recompute_inputs,
            "direct-inputs": switch_direct_inputs, "own-unembedding": switch_own_unembedding,
            "eap-resid-grad": switch_eap_resid_grad, "eap-dhead-backward": switch_eap_dhead_backward,
-           "row-dots": switch_row_dots}
+           "row-dots": switch_row_dots, "sparse-grad-mixing": switch_sparse_grad_mixing}
 
 
 def ratio(s: dict) -> str:
@@ -216,18 +233,20 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="gpt2-shape", choices=["gpt2-shape", "smollm2"])
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=32, help="of the EP step, the frozen step and the EAP batch")
     ap.add_argument("--settle", type=int, default=1, help="untimed runs of each step right before its timed one")
     ap.add_argument("--change", required=True, choices=sorted(CHANGES))
+    ap.add_argument("--log-alpha", help="a real run's saved log α (benchmarks/mask_activity.py): the EP step at each")
     args = ap.parse_args()
     CHANGES[args.change]()
     model = load_model(args.model)
     eap_model = copy.deepcopy(model)  # EAP enters its own MaskedModel: a second model, the same weights
-    clean, corrupted = make_batch(model, 32, 20)
+    clean, corrupted = make_batch(model, args.batch, 20)
     eap_data = tep.paired_data(clean, corrupted, positions="last")
     a_clean, a_corrupted = make_batch(model, 96, 16)
     a_data = tep.paired_data(a_clean, a_corrupted, positions="last")
-    print(f"{args.model}, change {args.change}, {torch.get_num_threads()} torch thread(s), {allocator_env()}, "
-          f"torch {torch.__version__}, {args.rounds} rounds, settle {args.settle}")
+    print(f"{args.model}, change {args.change}, batch {args.batch}, {torch.get_num_threads()} torch thread(s), "
+          f"{allocator_env()}, torch {torch.__version__}, {args.rounds} rounds, settle {args.settle}")
     with frozen_parameters(model):
         frozen = residual_grad_step(model, clean)
         with tep.masked(model) as mm:
@@ -249,9 +268,13 @@ def main() -> None:
                     mm.full_logits(a_clean)
 
             def eap_batch():
-                eap(eap_model, eap_data, batch_size=32, progress=False)
+                eap(eap_model, eap_data, batch_size=args.batch, progress=False)
 
-            pairs = {"EP step": step, "EAP batch (32)": eap_batch, f"ACDC candidate from layer {layer}": candidate}
+            pairs = {"EP step": step, "EAP batch": eap_batch, f"ACDC candidate from layer {layer}": candidate}
+            if args.log_alpha:
+                for k, log_alpha in real_log_alpha(args.log_alpha, mm.graph).items():
+                    pairs[f"EP step at step {k}'s masks"] = edge_pruning_step(mm, clean, corrupted, support=True,
+                                                                             log_alpha=log_alpha)
             steps = {"frozen fwd+bwd": frozen, "plain forward (96x16)": plain}
             for name, fn in pairs.items():
                 steps[f"{name}, off"] = switched(False, fn)
@@ -261,7 +284,7 @@ def main() -> None:
         print(f"  {name:45s} {fmt_stats(stats[name])}")
     for name in pairs:
         print(f"  {name}, on ÷ off: {ratio(stats[f'{name}, on/{name}, off'])}")
-    for name in ("EP step", "EAP batch (32)"):
+    for name in [n for n in pairs if n.startswith("EP step")] + ["EAP batch"]:
         for which in ("off", "on"):
             print(f"  {name}, {which} ÷ frozen: {ratio(stats[f'{name}, {which}/frozen fwd+bwd'])}")
     for which in ("off", "on"):

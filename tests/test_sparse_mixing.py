@@ -84,8 +84,9 @@ def test_no_grad_forwards_equal_plain_patching_and_the_dense_path(model_id, forc
 
 def test_sparse_products_pick_each_form():
     """The forms of SparseMixing's product on a hand-made window (few nonzero coefficients, mostly −1), each equal to
-    the plain GEMM, for the shared prefix and for the rows written after it; dense coefficients, and writers that
-    arrived out of order (no prefix sums) where −1 dominates, are left to the caller's plain GEMM."""
+    the plain GEMM, for the shared prefix and for the rows written after it; dense coefficients are left to the
+    caller's plain GEMM. The prefix sums the complement form starts from are formed when first asked for, in any
+    order."""
     from types import SimpleNamespace
 
     from tl_edgeprune.mixing import SparseMixing
@@ -97,20 +98,21 @@ def test_sparse_products_pick_each_form():
     mostly_minus_one = -torch.ones(10, 3, dtype=torch.float64).index_fill_(0, torch.tensor([2, 8]), 0.0)
     dense = -torch.rand(10, 3, generator=gen, dtype=torch.float64)
     for coef, name in ((few_nonzero, "sparse"), (mostly_minus_one, "complement"), (dense, "dense")):
-        for in_order in (True, False):
-            sparse = SparseMixing(rows[0], sparse_below=0.5)  # small window: force the sparse forms
-            sparse.add(0, 6, rows[:6]) if in_order else sparse.add(2, 6, rows[2:6])
-            handled = name == "sparse" or (name == "complement" and in_order)
-            out = torch.empty(3, 7, dtype=torch.float64)
-            assert sparse.product(coef[:6], buffer, 0, 6, out, accumulate=False) == handled
-            if not handled:  # the caller's plain GEMM
-                torch.mm(coef[:6].t(), rows[:6], out=out)
-            torch.testing.assert_close(out, coef[:6].t() @ rows[:6], atol=1e-12, rtol=0)
-            sparse.add(6, 10, rows[6:])
-            assert sparse.product(coef[6:], buffer, 6, 10, out, accumulate=True) == handled
-            if not handled:
-                out.addmm_(coef[6:].t(), rows[6:])
-            torch.testing.assert_close(out, coef.t() @ rows, atol=1e-12, rtol=0)
+        sparse = SparseMixing(rows, sparse_below=0.5)  # small window: force the sparse forms
+        out = torch.empty(3, 7, dtype=torch.float64)
+        plan = sparse.product(coef[:6], buffer, 0, 6, out, accumulate=False)
+        assert (plan is None) == (name == "dense") and (plan is None or plan[0] == (name == "complement"))
+        if plan is None:  # the caller's plain GEMM
+            torch.mm(coef[:6].t(), rows[:6], out=out)
+        torch.testing.assert_close(out, coef[:6].t() @ rows[:6], atol=1e-12, rtol=0)
+        assert (sparse.product(coef[6:], buffer, 6, 10, out, accumulate=True) is None) == (name == "dense")
+        if name == "dense":
+            out.addmm_(coef[6:].t(), rows[6:])
+        torch.testing.assert_close(out, coef.t() @ rows, atol=1e-12, rtol=0)
+    sparse = SparseMixing(rows)
+    for stop in (7, 3, 10, 5, 0):
+        torch.testing.assert_close(sparse.prefix_sum(stop), rows[:stop].sum(0), atol=1e-12, rtol=0)
+    assert sorted(sparse.prefix_sums) == [0, 3, 5, 7, 10]
 
 
 def test_sparse_inputs_are_base_plus_the_product():
@@ -129,8 +131,7 @@ def test_sparse_inputs_are_base_plus_the_product():
     every_minus_one = -torch.ones(10, 3, dtype=torch.float64)
     dense = -torch.rand(10, 3, generator=gen, dtype=torch.float64)
     for coef, handled in ((few_nonzero, True), (mostly_minus_one, True), (every_minus_one, True), (dense, False)):
-        sparse = SparseMixing(rows[0], sparse_below=0.5)
-        sparse.add(0, 10, rows)
+        sparse = SparseMixing(rows, sparse_below=0.5)
         plan = sparse.plan(coef, 0, 10)
         assert (plan is not None) == handled
         if handled:

@@ -68,8 +68,9 @@ class MaskedModel:
         ``fused_qkv``: compute each head's q/k/v from the shared residual plus its reader's correction
         (fused_qkv.py) instead of TransformerLens's split-q/k/v path; default: wherever the model allows it
         (HookedTransformer and the Tracr twin in float32/64; ``adapter.attention_norm``), False forces TL's path.
-        ``sparse_mixing``: forwards without gradients skip the coefficients a binary mask leaves at 0 or −1
-        (mixing.SparseMixing); False keeps the dense products (for comparisons).
+        ``sparse_mixing``: where a window's coefficients are mostly 0 or mostly −1 (a binary mask; Edge Pruning's
+        samples, most clamped), its products and the deltas' gradient skip them (mixing.SparseMixing); False keeps
+        the dense products (for comparisons).
         ``recompute_inputs``: with gradients, fused q/k/v does not keep each head reader's input for backward (a
         [reader, batch, pos, d_model] per layer, the largest part of a step's memory) but rebuilds it there from the
         delta buffer (one GEMM per reader group, as in the forward) and the residual: less memory, a little more time
@@ -576,20 +577,21 @@ class MaskedModel:
         self._ensure_buffer(run, ys, ys.shape[1:])
         buffer, sparse = run.buffer, run.buffer.sparse
         memo = run.in_place is None and run.layout is None
-        kept = left.rows_for(buffer.values, ys, run.cf_values, sparse is not None) if memo and left else 0
+        kept = left.rows_for(buffer.values, ys, run.cf_values) if memo and left else 0
+        replayed = min(kept, chunks[-1][1].stop)  # rows this forward keeps as they are (the rest it writes)
+        if replayed and sparse is not None:  # their sums hold too (the last forward may have formed some)
+            sparse.prefix_sums.update((k, v) for k, v in left.prefix_sums.items() if k <= replayed)
         token = ys.new_zeros(())
         for ci, chunk in chunks:
             run.fired[("w", ci)] += 1
             if chunk.stop <= kept:
                 buffer.written[chunk.start : chunk.stop] = [True] * (chunk.stop - chunk.start)
                 run.tokens[ci] = token
-                if sparse is not None:
-                    sparse.prefix_sums[chunk.stop], sparse.written = left.prefix_sums[chunk.stop], chunk.stop
                 continue
             cf = None if run.cf_values is None else run.cf_values[chunk.start : chunk.stop]
             run.tokens[ci] = write(ys[chunk.start : chunk.stop], cf, buffer, chunk.start, chunk.stop)
-        if memo:
-            sums = None if sparse is None else dict(sparse.prefix_sums)
+        if memo:  # the live sums: those this forward forms over the replayed rows serve the next one too
+            sums = {} if sparse is None else sparse.prefix_sums
             self._replayed = ReplayedRows(buffer.values, ys, run.cf_values, chunks[-1][1].stop, sums)
 
     def _ensure_buffer(self, run: Forward, like: torch.Tensor, shape: Sequence[int]) -> None:
@@ -601,8 +603,8 @@ class MaskedModel:
             run.buffer = self._pool.buffer(self.graph.n_writers, shape, like.dtype, like.device, run.in_place)
             run.buffer.coef_zero = run.removes_nothing
             run.buffer.layout = run.layout
-            if self.sparse_mixing and not torch.is_grad_enabled() and run.layout is None and not run.removes_nothing:
-                run.buffer.sparse = SparseMixing(run.buffer.values[0])  # products may skip 0 (or −1) coefficients
+            if self.sparse_mixing and run.layout is None and not run.removes_nothing and like.device.type != "meta":
+                run.buffer.sparse = SparseMixing(run.buffer.values)  # products may skip 0 (or −1) coefficients
         else:
             run.buffer = DeltaBuffer(self.graph.n_writers, shape, like.dtype, like.device)
 
@@ -802,13 +804,13 @@ class MaskedModel:
         store = run.buffer.recomputed_window(("rebuilt", window.index), window.n_readers)
         flat = store.view(window.n_readers, -1)
         coef = self._coef(run, 0, window.prefix, groups[0].start, groups[-1].stop).detach()
-        run.buffer.products(coef, 0, window.prefix, flat, accumulate=False)
+        run.buffer.mixed(coef, 0, window.prefix, flat, accumulate=False)
         parts = {}
         for g, group, offset in zip(window.groups, groups, window.offsets):
             n = group.stop - group.start
             if group.n_writers > window.prefix:
                 rest = self._coef(run, window.prefix, group.n_writers, group.start, group.stop).detach()
-                run.buffer.products(rest, window.prefix, group.n_writers, flat[offset : offset + n], accumulate=True)
+                run.buffer.mixed(rest, window.prefix, group.n_writers, flat[offset : offset + n], accumulate=True)
             if group.kind == "attn":
                 for p, part in enumerate(store[offset : offset + n].split(self._part_sizes(group))):
                     parts[(g, p)] = part
@@ -866,7 +868,8 @@ class MaskedModel:
         if group_index in run.direct:
             return True
         sparse = run.buffer.sparse if run.buffer is not None else None
-        if sparse is None or not self.fused_qkv or self._window_of[group_index].index in run.window_tokens:
+        if (sparse is None or torch.is_grad_enabled() or not self.fused_qkv
+                or self._window_of[group_index].index in run.window_tokens):
             return False
         group = self.graph.reader_groups[group_index]
         plans = []

@@ -53,17 +53,17 @@ class ReplayedRows:
     them again; the engine drops this as soon as any other forward takes the buffer."""
 
     def __init__(self, values: torch.Tensor, writer_outputs: torch.Tensor, counterfactual: torch.Tensor | None,
-                 n_rows: int, prefix_sums: dict[int, torch.Tensor] | None):
+                 n_rows: int, prefix_sums: dict[int, torch.Tensor]):
         self.values = values
         self._sources = [None if t is None else (weakref.ref(t), t._version) for t in (writer_outputs, counterfactual)]
         self.n_rows = n_rows
-        self.prefix_sums = prefix_sums  # the sparse products' Σ of rows [0, stop) at each writer chunk's stop
+        # The sparse products' Σ of rows [0, k), as that forward formed them: those with k <= n_rows hold for the next
+        self.prefix_sums = prefix_sums
 
-    def rows_for(self, values: torch.Tensor, writer_outputs: torch.Tensor, counterfactual: torch.Tensor | None,
-                 need_sums: bool) -> int:
+    def rows_for(self, values: torch.Tensor, writer_outputs: torch.Tensor, counterfactual: torch.Tensor | None) -> int:
         """Leading rows of ``values`` that hold these sources' clean deltas already (0: none can be trusted).
         Identity and version counters of both sources: a tensor changed in place, or a new one, matches nothing."""
-        if values is not self.values or (need_sums and self.prefix_sums is None):
+        if values is not self.values:
             return 0
         for t, kept in zip((writer_outputs, counterfactual), self._sources):
             if (t is None) != (kept is None) or (t is not None and (kept[0]() is not t or t._version != kept[1])):

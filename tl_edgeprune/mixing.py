@@ -71,6 +71,7 @@ class DeltaBuffer:
         self.values = self.slot[0] if values is None else values  # given: a single-use ỹ, overwritten in place
         self.grad: torch.Tensor | None = None
         self.grad_filled = [False] * n_writers  # rows of grad that hold sums; the others are uninitialised
+        self.owed: dict[int, list[torch.Tensor]] = {}  # row -> −Σ of readers' gradients a sparse backward owes it
         self.written = [False] * n_writers
         self._lent: dict[tuple[int, int], torch.Tensor] = {}  # (slot, window) -> storage that window is using
         # Every coefficient is exactly 0 (all masks 1: EAP's gradient at z = 1): the products are 0 and the deltas
@@ -78,8 +79,8 @@ class DeltaBuffer:
         self.coef_zero = False
         self.scratch_filled: dict[int, set[int]] = {}  # window -> offsets whose gradients are gathered
         self.layout: PositionLayout | None = None  # positional graphs: positions stored sorted by class
-        # A forward without gradients (ACDC's candidates, circuit evaluation): products may skip the coefficients
-        # left at 0, or start from the sum of every delta and add back the coefficients not at −1 (SparseMixing).
+        # Products (and, with gradients, the deltas' gradient) may skip the coefficients left at 0, or start from the
+        # sum of every delta and add back the coefficients not at −1 (SparseMixing).
         self.sparse: SparseMixing | None = None
 
     def column_segments(self) -> list[tuple[int, int, int]]:
@@ -136,6 +137,17 @@ class DeltaBuffer:
             else:
                 torch.mm(coef[c].t(), rows[:, a:b], out=out[:, a:b])
 
+    def mixed(self, coef: torch.Tensor, start: int, stop: int, out: torch.Tensor, accumulate: bool):
+        """``products``, or SparseMixing's sparse forms where the coefficients allow: returns the sparse plan taken
+        (None: the GEMMs), which the backward follows for the deltas' gradient. The same coefficients always take
+        the same form, so a product computed again (recompute_inputs) has the same bits."""
+        if self.sparse is not None:
+            plan = self.sparse.product(coef[0], self, start, stop, out, accumulate)
+            if plan is not None:
+                return plan
+        self.products(coef, start, stop, out, accumulate)
+        return None
+
     def recomputed_window(self, key, n_rows: int) -> torch.Tensor:
         """[n_rows, batch, pos, d_model] in the products storage, for a window's products computed again in backward
         (the forward's windows have all given it back), under ``key`` until ``products_read(key)``."""
@@ -160,14 +172,17 @@ class DeltaBuffer:
     def gathered_read(self) -> None:
         self._give_back(3, "gathered")
 
-    def accumulate_grad(self, start: int, stop: int, coef: torch.Tensor, grad_out: torch.Tensor) -> None:
-        """grad[start:stop] += coef[c]·grad_out over each class c's columns, assigning (not adding to zeros) rows no
-        reader has reached yet. ``coef``: [class, stop − start, readers]."""
+    def _grad_storage(self) -> torch.Tensor:
         if self.grad is None:
             if self.slot[1] is None:
                 self.slot[1] = torch.empty_like(self.values)
             self.grad = self.slot[1]
-        rows, filled = self.grad[start:stop].view(stop - start, -1), self.grad_filled
+        return self.grad
+
+    def accumulate_grad(self, start: int, stop: int, coef: torch.Tensor, grad_out: torch.Tensor) -> None:
+        """grad[start:stop] += coef[c]·grad_out over each class c's columns, assigning (not adding to zeros) rows no
+        reader has reached yet. ``coef``: [class, stop − start, readers]."""
+        rows, filled = self._grad_storage()[start:stop].view(stop - start, -1), self.grad_filled
         i = start
         while i < stop:  # runs of rows that are all filled or all not (in practice one or two runs)
             j = i + 1
@@ -183,38 +198,73 @@ class DeltaBuffer:
             i = j
         filled[start:stop] = [True] * (stop - start)
 
+    def accumulate_planned(self, start: int, stop: int, plan: tuple[bool, torch.Tensor | None],
+                           grad_out: Float[torch.Tensor, "reader n"]) -> None:
+        """grad[start:stop] += coef·grad_out in the sparse form the forward took (``SparseMixing.plan``): one axpy
+        per nonzero coefficient, and, where the plan starts from −Σ rows (most coefficients −1), −Σ_r grad_out[r]
+        owed to every row and paid when its writer takes its gradient (``grad_rows``), instead of a GEMM."""
+        use_complement, coef = plan
+        grad, filled = self._grad_storage(), self.grad_filled
+        if coef is not None:
+            touched = coef.any(1).nonzero().flatten().tolist()  # rows with a nonzero coefficient
+            for i in touched:
+                if not filled[start + i]:
+                    grad[start + i].zero_()
+                    filled[start + i] = True
+            _add_sparse(grad[start:stop].view(stop - start, -1), coef.t(), grad_out)
+        if use_complement:
+            owed = grad_out.sum(0).neg_()
+            for i in range(start, stop):
+                self.owed.setdefault(i, []).append(owed)
+
     def grad_rows(self, start: int, stop: int) -> torch.Tensor | None:
-        """The accumulated gradient of writers [start, stop); None if no reader sent any."""
+        """The accumulated gradient of writers [start, stop), what the sparse backwards owe them included; None if
+        no reader sent any."""
+        owed = [self.owed.pop(i, []) for i in range(start, stop)]
         filled = self.grad_filled[start:stop]
-        if self.grad is None or not any(filled):
+        if self.grad is None or not (any(filled) or any(owed)):
             return None
-        for i, done in enumerate(filled):
-            if not done:
-                self.grad[start + i].zero_()
+        rows = self.grad[start:stop].view(stop - start, -1)
+        i = 0
+        while i < stop - start:  # runs of rows owed the same sums (in practice a writer chunk is one run)
+            key = [id(t) for t in owed[i]]
+            j = i + 1
+            while j < stop - start and [id(t) for t in owed[j]] == key and filled[j] == filled[i]:
+                j += 1
+            if owed[i]:
+                total = owed[i][0] if len(owed[i]) == 1 else torch.stack(owed[i]).sum(0)
+                if filled[i]:
+                    rows[i:j].add_(total)
+                else:
+                    rows[i:j].copy_(total.expand(j - i, -1))
+            elif not filled[i]:
+                rows[i:j].zero_()
+            i = j
         return self.grad[start:stop]
 
 
 class SparseMixing:
-    """Products ``coefᵀ·rows`` that skip work where a forward's coefficients allow (no gradients, ordinary graph).
+    """Products ``coefᵀ·rows`` that skip work where a forward's coefficients allow (ordinary graph).
 
-    Binary masks far from all-ones or all-zeros are the rule in ACDC and in circuit evaluation: coefficients are 0
-    (kept edge) or −1 (removed). Where few coefficients are nonzero, the product is a sparse one (one row·axpy per
-    removed edge); where few are not −1, it starts from −Σ of the rows (prefix sums, kept as writers are written)
-    and adds the kept edges sparsely. Dense masks take the plain GEMM (sparse_below: 8 %, where a CSR product of
-    the GPT-2 shape's windows stopped winning on this CPU). Exact up to float rounding (sums ordered differently)."""
+    Binary masks far from all-ones or all-zeros are the rule in ACDC and in circuit evaluation, and most of Edge
+    Pruning's samples are clamped at 0 or 1: coefficients are 0 (kept edge) or −1 (removed). Where few coefficients
+    are nonzero, the product is a sparse one (one row·axpy per removed edge); where few are not −1, it starts from
+    −Σ of the rows (prefix sums, formed when first asked for) and adds the kept edges sparsely. Dense masks take the
+    plain GEMM (sparse_below: 8 %, where a CSR product of the GPT-2 shape's windows stopped winning on this CPU).
+    Exact up to float rounding (sums ordered differently)."""
 
-    def __init__(self, like: torch.Tensor, sparse_below: float = 0.08):
-        self.prefix_sums = {0: torch.zeros_like(like).view(-1)}  # rows written -> Σ of those rows
-        self.written = 0
+    def __init__(self, values: torch.Tensor, sparse_below: float = 0.08):
+        self.values = values  # the deltas, [writer, ...]: rows are summed once the readers that ask have them all
+        self.prefix_sums = {0: values.new_zeros(values[0].numel())}  # rows summed -> Σ of those rows
         self.sparse_below = sparse_below  # density of the coefficients under which the sparse product is cheaper
 
-    def add(self, start: int, stop: int, target: torch.Tensor) -> None:
-        """Writers [start, stop) were written; prefix sums exist only while writers arrive in row order."""
-        if start != self.written:
-            self.prefix_sums.clear()  # out of order: every later product is the plain GEMM
-            return
-        self.prefix_sums[stop] = self.prefix_sums[start] + target.reshape(stop - start, -1).sum(0)
-        self.written = stop
+    def prefix_sum(self, stop: int) -> torch.Tensor:
+        """Σ of rows [0, stop), from the nearest sum below it (every row before ``stop`` must be written)."""
+        if stop not in self.prefix_sums:
+            below = max(k for k in self.prefix_sums if k < stop)
+            rows = self.values[below:stop].reshape(stop - below, -1)
+            self.prefix_sums[stop] = self.prefix_sums[below] + rows.sum(0)
+        return self.prefix_sums[stop]
 
     def plan(self, coef: torch.Tensor, start: int, stop: int) -> tuple[bool, torch.Tensor | None] | None:
         """(whether to start from −Σ rows, the sparse coefficients to add, None if none) where the sparse product
@@ -222,22 +272,23 @@ class SparseMixing:
         shifted = coef + 1
         n_zero_off = int(torch.count_nonzero(coef))
         n_minus_one_off = int(torch.count_nonzero(shifted))
-        use_complement = n_minus_one_off < n_zero_off and start in self.prefix_sums and stop in self.prefix_sums
+        use_complement = n_minus_one_off < n_zero_off
         nnz = n_minus_one_off if use_complement else n_zero_off
         if nnz > self.sparse_below * coef.numel():
             return None
         return use_complement, ((shifted if use_complement else coef) if nnz else None)
 
     def product(self, coef: torch.Tensor, buffer: "DeltaBuffer", start: int, stop: int, out: torch.Tensor,
-                accumulate: bool) -> bool:
+                accumulate: bool) -> tuple[bool, torch.Tensor | None] | None:
         """out (+)= coefᵀ·delta[start:stop] (coef [stop − start, reader], out [reader, batch·pos·d_model]) if the
-        coefficients are sparse enough; False (nothing done) where the caller's plain GEMM is cheaper."""
+        coefficients are sparse enough, returning the plan taken; None (nothing done) where the caller's plain GEMM
+        is cheaper."""
         plan = self.plan(coef, start, stop)
         if plan is None:
-            return False
+            return None
         use_complement, sparse = plan
         if use_complement:  # −Σ rows, plus (coef + 1)·rows on the (writer, reader) pairs not removed
-            row_sum = self.prefix_sums[stop] - self.prefix_sums[start]
+            row_sum = self.prefix_sum(stop) - self.prefix_sum(start)
             if accumulate:
                 out.sub_(row_sum)
             else:
@@ -245,7 +296,7 @@ class SparseMixing:
         elif not accumulate:
             out.zero_()
         _add_sparse(out, sparse, buffer.rows(start, stop))
-        return True
+        return plan
 
     def inputs(self, plan: tuple[bool, torch.Tensor | None], buffer: "DeltaBuffer", stop: int, base: torch.Tensor,
                out: torch.Tensor) -> None:
@@ -253,7 +304,7 @@ class SparseMixing:
         ``plan(coef, 0, stop)`` the caller made: each reader's input written once (from base, or from base − Σ rows)
         and added to sparsely, instead of a product that the reader then adds to base."""
         use_complement, sparse = plan
-        start_from = base - self.prefix_sums[stop] if use_complement else base
+        start_from = base - self.prefix_sum(stop) if use_complement else base
         out.copy_(start_from.expand_as(out))
         _add_sparse(out, sparse, buffer.rows(0, stop))
 
@@ -366,8 +417,6 @@ class _Write(Function):
             target.copy_(y)
         else:  # y may lack the batch (a [1, pos, d_model] positional embedding): expand it, never resize target
             torch.sub(y.expand(target.shape), counterfactual, out=target)
-        if buffer.sparse is not None:
-            buffer.sparse.add(start, stop, target)
         ctx.buffer, ctx.start, ctx.stop = buffer, start, stop
         return y.new_zeros(())
 
@@ -388,11 +437,11 @@ class _MixWindow(Function):
     @staticmethod
     def forward(ctx, coef, buffer: DeltaBuffer, window: Window, split_sizes: tuple[int, ...], support, *tokens):
         products = buffer.window_products(window.index, window.n_readers)
+        ctx.plan = None
         if buffer.coef_zero:
             products.zero_()
-        elif buffer.sparse is None or not buffer.sparse.product(coef[0], buffer, 0, window.prefix,
-                                                                 products.view(window.n_readers, -1), accumulate=False):
-            buffer.products(coef, 0, window.prefix, products.view(window.n_readers, -1), accumulate=False)
+        else:
+            ctx.plan = buffer.mixed(coef, 0, window.prefix, products.view(window.n_readers, -1), accumulate=False)
         ctx.save_for_backward(coef)
         ctx.buffer, ctx.window, ctx.split_sizes, ctx.n_tokens = buffer, window, split_sizes, len(tokens)
         ctx.support = support
@@ -415,7 +464,10 @@ class _MixWindow(Function):
         if ctx.needs_input_grad[0]:
             grad_coef = _coef_grad(buffer, buffer.rows(0, window.prefix), flat, coef, ctx.support)
         if any(ctx.needs_input_grad[5:]) and not buffer.coef_zero:
-            buffer.accumulate_grad(0, window.prefix, coef, flat)
+            if ctx.plan is not None:
+                buffer.accumulate_planned(0, window.prefix, ctx.plan, flat)
+            else:
+                buffer.accumulate_grad(0, window.prefix, coef, flat)
         buffer.scratch_read(window.index)
         return (grad_coef, None, None, None, None, *(coef.new_zeros(()) for _ in range(ctx.n_tokens)))
 
@@ -429,11 +481,9 @@ class _MixRest(Function):
                 split_sizes: tuple[int, ...], support, *tokens):
         n_out = coef.shape[-1]
         products = buffer.window_products(window.index, window.n_readers)[offset : offset + n_out]
+        ctx.plan = None
         if stop > window.prefix and not buffer.coef_zero:
-            out = products.view(n_out, -1)
-            if buffer.sparse is None or not buffer.sparse.product(coef[0], buffer, window.prefix, stop, out,
-                                                                  accumulate=True):
-                buffer.products(coef, window.prefix, stop, out, accumulate=True)
+            ctx.plan = buffer.mixed(coef, window.prefix, stop, products.view(n_out, -1), accumulate=True)
         ctx.save_for_backward(coef)
         ctx.buffer, ctx.window, ctx.offset, ctx.stop = buffer, window, offset, stop
         ctx.split_sizes, ctx.n_tokens, ctx.support = split_sizes, len(tokens), support
@@ -450,8 +500,11 @@ class _MixRest(Function):
         grad_coef = None
         if ctx.needs_input_grad[0]:
             grad_coef = _coef_grad(buffer, buffer.rows(window.prefix, ctx.stop), flat, coef, ctx.support)
-        if any(ctx.needs_input_grad[8:]) and not buffer.coef_zero:
-            buffer.accumulate_grad(window.prefix, ctx.stop, coef, flat)
+        if any(ctx.needs_input_grad[8:]) and not buffer.coef_zero and ctx.stop > window.prefix:
+            if ctx.plan is not None:
+                buffer.accumulate_planned(window.prefix, ctx.stop, ctx.plan, flat)
+            else:
+                buffer.accumulate_grad(window.prefix, ctx.stop, coef, flat)
         window_token_grad = coef.new_zeros(()) if ctx.needs_input_grad[1] else None
         return (grad_coef, window_token_grad, None, None, None, None, None, None,
                 *(coef.new_zeros(()) for _ in range(ctx.n_tokens)))
@@ -535,8 +588,6 @@ class _WriteHeads(Function):
             if counterfactual.data_ptr() != target.data_ptr():
                 target.copy_(counterfactual)  # [head, batch|1, pos|1, d_model]: broadcast
             out.baddbmm_(z3, W_O, beta=-1)
-        if buffer.sparse is not None:
-            buffer.sparse.add(start, stop, target)
         ctx.save_for_backward(W_O)
         ctx.buffer, ctx.start, ctx.stop, ctx.z_shape = buffer, start, stop, z.shape
         return z.new_zeros(())

@@ -2,6 +2,7 @@
 
     python benchmarks/mask_activity.py [--steps 150] [--out benchmarks/results/mask_activity_smollm2_ioi.json]
     python benchmarks/mask_activity.py --ab 2 --steps 60      # whole runs with and without the support, timed
+    python benchmarks/mask_activity.py --coefficients          # the saved masks' share of sparse mixing windows
 
 A hard-concrete sample clamped at 0 or 1 passes no gradient to its log α, so the entries of the masks' gradient
 GEMM (``∂metric/∂z``, one dot over batch·pos·d_model per edge) at clamped samples are computed and thrown away.
@@ -11,7 +12,9 @@ share of edges whose gradient is read (the edge's sample, or its writer's node s
 of the GEMM's work left when only the rows (writers) and columns (readers) holding such an edge are computed, per
 reader group and per mixing window (as the engine computes it). The log α of a few steps (``--snapshots``) go to
 a ``_log_alpha.pt`` beside ``--out``, for ``benchmarks/engine.py --log-alpha``, which times the step at those
-masks. Needs the SmolLM2 install of ``benchmarks/smollm2.py``.
+masks. ``--coefficients``: at those saved masks (one sample each), how many mixing windows have few enough
+coefficients (−(1 − z_edge·z_node) on valid edges) off 0 or off −1 for the sparse forms (mixing.SparseMixing's
+threshold). Needs the SmolLM2 install of ``benchmarks/smollm2.py``.
 """
 
 from __future__ import annotations
@@ -93,6 +96,34 @@ def ab_runs(run, args) -> None:
     print(f"RATIO whole runs, support / every gradient, per round: {', '.join(f'{t:.3f}x' for t in totals)}")
 
 
+def coefficient_sparsity(graph: tep.Graph, windows, path: str) -> None:
+    """Per saved step, each mixing window's share of coefficients off 0 or off −1, whichever is fewer (the form
+    SparseMixing would take), against its threshold."""
+    from tl_edgeprune.mixing import SparseMixing
+
+    threshold = SparseMixing.__init__.__defaults__[0]
+    saved = torch.load(path, weights_only=True)
+    valid = graph.valid_mask()
+    gen = torch.Generator().manual_seed(0)
+    for step, snap in sorted(saved.items()):
+        edges = hard_concrete.HardConcrete(graph.shape, gen)
+        nodes = hard_concrete.HardConcrete((graph.n_writers,), gen)
+        with torch.no_grad():
+            edges.log_alpha.fill_(-100.0)
+            edges.log_alpha[valid] = snap["edges"].float()
+            nodes.log_alpha.copy_(snap["nodes"].float())
+            coef = -(valid.float() * (1 - edges.sample(gen) * nodes.sample(gen)[:, None]))
+        shares = []
+        for w in windows:
+            first, last = graph.reader_groups[w.groups[0]], graph.reader_groups[w.groups[-1]]
+            c = coef[: w.prefix, first.start : last.stop]
+            shares.append(min(float((c != 0).float().mean()), float((c != -1).float().mean())))
+        shares = torch.tensor(shares)
+        print(f"step {step}: {len(shares)} windows, share of coefficients off 0 or off -1 (the fewer): median "
+              f"{shares.median():.3f}, min {shares.min():.3f}, max {shares.max():.3f}; "
+              f"{int((shares <= threshold).sum())} at most the sparse threshold {threshold}")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=150)
@@ -104,9 +135,16 @@ def main(argv=None) -> None:
     p.add_argument("--ab", type=int, default=0, metavar="ROUNDS",
                    help="instead: time ROUNDS pairs of whole runs, the loop as it is and with every mask gradient "
                         "computed (grad_support dropped), alternating which goes first")
+    p.add_argument("--coefficients", action="store_true",
+                   help="instead: the share of sparse mixing windows at the masks saved beside --out")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     model, tok = load_smollm2()
+    if args.coefficients:
+        graph = tep.Graph.from_model(model)
+        windows = plan_windows([g.n_writers for g in graph.reader_groups], [g.stop - g.start for g in graph.reader_groups])
+        coefficient_sparsity(graph, windows, os.path.splitext(args.out)[0] + "_log_alpha.pt")
+        return
     data = tasks.ioi(tok, n=160, seed=0, prepend_bos=False).data
     train = data.select(slice(0, 96))
     graph = tep.Graph.from_model(model)

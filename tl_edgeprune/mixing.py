@@ -179,9 +179,14 @@ class DeltaBuffer:
             self.grad = self.slot[1]
         return self.grad
 
-    def accumulate_grad(self, start: int, stop: int, coef: torch.Tensor, grad_out: torch.Tensor) -> None:
+    def accumulate_grad(self, start: int, stop: int, coef: torch.Tensor, grad_out: torch.Tensor,
+                        plan: tuple[bool, torch.Tensor | None] | None = None) -> None:
         """grad[start:stop] += coef[c]·grad_out over each class c's columns, assigning (not adding to zeros) rows no
-        reader has reached yet. ``coef``: [class, stop − start, readers]."""
+        reader has reached yet. ``coef``: [class, stop − start, readers]; ``plan``: the sparse form the forward's
+        product took (``mixed``), which this product then takes too."""
+        if plan is not None:
+            self.accumulate_planned(start, stop, plan, grad_out)
+            return
         rows, filled = self._grad_storage()[start:stop].view(stop - start, -1), self.grad_filled
         i = start
         while i < stop:  # runs of rows that are all filled or all not (in practice one or two runs)
@@ -464,10 +469,7 @@ class _MixWindow(Function):
         if ctx.needs_input_grad[0]:
             grad_coef = _coef_grad(buffer, buffer.rows(0, window.prefix), flat, coef, ctx.support)
         if any(ctx.needs_input_grad[5:]) and not buffer.coef_zero:
-            if ctx.plan is not None:
-                buffer.accumulate_planned(0, window.prefix, ctx.plan, flat)
-            else:
-                buffer.accumulate_grad(0, window.prefix, coef, flat)
+            buffer.accumulate_grad(0, window.prefix, coef, flat, ctx.plan)
         buffer.scratch_read(window.index)
         return (grad_coef, None, None, None, None, *(coef.new_zeros(()) for _ in range(ctx.n_tokens)))
 
@@ -501,10 +503,7 @@ class _MixRest(Function):
         if ctx.needs_input_grad[0]:
             grad_coef = _coef_grad(buffer, buffer.rows(window.prefix, ctx.stop), flat, coef, ctx.support)
         if any(ctx.needs_input_grad[8:]) and not buffer.coef_zero and ctx.stop > window.prefix:
-            if ctx.plan is not None:
-                buffer.accumulate_planned(window.prefix, ctx.stop, ctx.plan, flat)
-            else:
-                buffer.accumulate_grad(window.prefix, ctx.stop, coef, flat)
+            buffer.accumulate_grad(window.prefix, ctx.stop, coef, flat, ctx.plan)
         window_token_grad = coef.new_zeros(()) if ctx.needs_input_grad[1] else None
         return (grad_coef, window_token_grad, None, None, None, None, None, None,
                 *(coef.new_zeros(()) for _ in range(ctx.n_tokens)))

@@ -140,21 +140,19 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     model, tok = load_smollm2()
-    if args.coefficients:
-        graph = tep.Graph.from_model(model)
-        windows = plan_windows([g.n_writers for g in graph.reader_groups], [g.stop - g.start for g in graph.reader_groups])
-        coefficient_sparsity(graph, windows, os.path.splitext(args.out)[0] + "_log_alpha.pt")
-        return
     data = tasks.ioi(tok, n=160, seed=0, prepend_bos=False).data
     train = data.select(slice(0, 96))
     graph = tep.Graph.from_model(model)
+    windows = plan_windows([g.n_writers for g in graph.reader_groups], [g.stop - g.start for g in graph.reader_groups])
+    if args.coefficients:
+        coefficient_sparsity(graph, windows, os.path.splitext(args.out)[0] + "_log_alpha.pt")
+        return
     cached = os.path.join(os.path.dirname(__file__), "results", "smollm2", "scores_ioi_eap-ig_n160_train96.pt")
     saved = torch.load(cached, weights_only=True)
     scores = tep.EdgeScores(graph, saved["scores"], saved["method"], saved["seconds"], saved["model"])
     init = attribution_init(scores, keep=0.05, high=3.0, low=-3.0)
 
     rows: list[dict[str, float]] = []
-    windows = plan_windows([g.n_writers for g in graph.reader_groups], [g.stop - g.start for g in graph.reader_groups])
     sample = hard_concrete.HardConcrete.sample_with_support
 
     edge_passes: list[torch.Tensor] = []
